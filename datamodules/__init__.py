@@ -1,0 +1,5 @@
+"""Lightning data modules."""
+
+from datamodules.rec_datamodule import RecDataModule
+
+__all__ = ["RecDataModule"]

@@ -1,0 +1,304 @@
+"""RecDataModule: processed dataset on disk -> prompt token ids, item catalogue, subsets and curriculum stages."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from minirec.curriculum import CURRICULUM_MODES, PACINGS, active_ids
+from minirec.io import DataError, read_json
+from minirec.processing import ProcessingConfig, build_dataset
+from minirec.prompts import PromptBuilder, PromptConfig
+
+SPLITS = ("train", "valid", "test")
+
+
+class PromptDataset(Dataset):
+    """Rows of one split, in a given order, turned into user-prompt token ids when accessed."""
+
+    def __init__(self, rows, order: Sequence[int], builder: PromptBuilder, titles: Sequence[str]) -> None:
+        self.rows, self.order, self.builder, self.titles = rows, list(order), builder, titles
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[self.order[i]]
+        history = row["history"]
+        ids = self.builder.user_prompt_ids(
+            [self.titles[h] for h in history], row["history_ratings"], row["history_timestamps"], row["target_timestamp"]
+        )
+        return {"sample_id": row["sample_id"], "prompt_ids": ids, "target": row["target"], "history": history}
+
+
+class ItemDataset(Dataset):
+    """The item catalogue (ids 1..N) as item-prompt token ids ending with the answer marker (tokenised once each)."""
+
+    def __init__(self, items, builder: PromptBuilder) -> None:
+        self.items, self.builder = items, builder
+        self.cache: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i not in self.cache:
+            it = self.items[i]
+            self.cache[i] = self.builder.item_prompt_ids(
+                it["title"], it["average_rating"], it["rating_number"], it["description"]
+            )
+        return {"item_id": i + 1, "prompt_ids": self.cache[i]}
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists -> (ids [B, P], mask [B, P])."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if len(s):
+            ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[b, width - len(s):] = 1
+    return ids, mask
+
+
+class Collator:
+    """Batches of PromptDataset / ItemDataset items: left-padded `prompt_ids`/`prompt_mask`; `history` 0-padded [B, L]."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, mask = left_pad([it["prompt_ids"] for it in items], self.pad_id)
+        batch = {"prompt_ids": ids, "prompt_mask": mask}
+        if "item_id" in items[0]:
+            batch["item_id"] = torch.tensor([it["item_id"] for it in items], dtype=torch.long)
+            return batch
+        width = max(1, max(len(it["history"]) for it in items))
+        history = torch.zeros((len(items), width), dtype=torch.long)
+        for b, it in enumerate(items):
+            if it["history"]:
+                history[b, : len(it["history"])] = torch.tensor(it["history"], dtype=torch.long)
+        batch.update(
+            sample_id=torch.tensor([it["sample_id"] for it in items], dtype=torch.long),
+            target=torch.tensor([it["target"] for it in items], dtype=torch.long),
+            history=history,
+        )
+        return batch
+
+
+class RecDataModule(L.LightningDataModule):
+    """Builds or reuses the processed dataset, tokenises prompts, and serves train/valid/test/predict/item loaders.
+
+    Subsets of the training split: `all`, `random:<k>` (seeded), or a selection file (`selection.json`: sample ids in
+    order, a stage per id, the curriculum mode). Curriculum: `set_stage(s)` makes the train loader serve the unlocked
+    stages (`pacing: cumulative` = stages ≤ s, `exclusive` = stage s; None = every selected sample); a `folds`
+    selection is served in its fixed order without shuffling. Validation, test and predict are sharded by rank without
+    padding, so under several processes every sample is seen exactly once. Batches: `sample_id` [B], `prompt_ids` /
+    `prompt_mask` [B, P] left-padded, `target` [B], `history` [B, L] (0-padded item ids, for masking in ranking).
+    """
+
+    def __init__(
+        self,
+        processing: ProcessingConfig = ProcessingConfig(),
+        prompts: PromptConfig = PromptConfig(),
+        tokenizer: str = "tiny-random-qwen2",
+        cache_dir: str = "data_cache",
+        subset: str = "all",
+        pacing: str = "cumulative",
+        predict_split: str = "train",
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        max_test_samples: int | None = None,
+        max_predict_samples: int | None = None,
+        seed: int = 0,
+        train_batch_size: int = 4,
+        eval_batch_size: int = 8,
+        item_batch_size: int = 32,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            processing: how raw files become the processed dataset (METHOD.md §2); its fingerprint keys the cache.
+            prompts: prompt templates and lengths (METHOD.md §3).
+            tokenizer: model preset, local folder or hub id whose tokenizer renders the prompts (same as the policy's).
+            cache_dir: folder of processed datasets, one sub-folder per processing fingerprint.
+            subset: training samples used: `all`, `random:<k>`, or the path of a selection file.
+            pacing: curriculum pacing for stage selections: `cumulative` or `exclusive`.
+            predict_split: split served by `predict_dataloader` (the scoring pool; normally `train`).
+            max_train_samples: seeded cap on the training pool before the subset is taken (None = no cap).
+            max_val_samples: seeded cap on validation samples.
+            max_test_samples: seeded cap on test samples.
+            max_predict_samples: seeded cap on predict samples.
+            seed: seed for caps, random subsets and shuffling.
+            train_batch_size: prompts per training batch (each gets G rollouts).
+            eval_batch_size: prompts per validation/test/predict batch.
+            item_batch_size: item prompts per catalogue-encoding batch.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        if pacing not in PACINGS:
+            raise DataError(f"data.pacing: must be one of {PACINGS}, got {pacing!r}")
+        if predict_split not in SPLITS:
+            raise DataError(f"data.predict_split: must be one of {SPLITS}, got {predict_split!r}")
+        self.save_hyperparameters()
+        self.processing, self.prompts = processing, prompts
+        self.cache_dir = Path(cache_dir)
+        self.data = None
+        self.stage: int | None = None
+
+    # -- building -------------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Build the processed dataset once (on local rank 0), or reuse it from the cache."""
+        build_dataset(self.processing, self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the processed dataset, the tokenizer and the training subset (idempotent)."""
+        if self.data is not None:
+            return
+        from minirec.models import load_tokenizer
+
+        self.data, self.data_path = build_dataset(self.processing, self.cache_dir)
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        self.builder = PromptBuilder(self.prompts, self.tokenizer)
+        self.titles = [""] + list(self.data["items"]["title"])  # index = item id
+        self.collate = Collator(self.tokenizer.pad_token_id)
+        self.items = ItemDataset(self.data["items"], self.builder)
+        self.rows = {s: self.data[s] for s in SPLITS}
+        self.split_order = {s: self._capped(s) for s in SPLITS}
+        self.train_ids, self.train_stages, self.curriculum = self._subset(self.split_order["train"])
+
+    def _capped(self, split: str) -> list[int]:
+        """Row indices of a split, after its seeded sample cap (kept in the split's own order)."""
+        n = len(self.data[split])
+        cap = {
+            "train": self.hparams.max_train_samples,
+            "valid": self.hparams.max_val_samples,
+            "test": self.hparams.max_test_samples,
+        }[split]
+        if split == self.hparams.predict_split and self.hparams.max_predict_samples is not None:
+            cap = min(cap or n, self.hparams.max_predict_samples)
+        if cap is not None and cap < 1:
+            raise DataError(f"data.max_*_samples for '{split}' must be ≥ 1, got {cap}")
+        if cap is None or cap >= n:
+            return list(range(n))
+        return sorted(random.Random(self.hparams.seed).sample(range(n), cap))
+
+    def _subset(self, pool_rows: list[int]) -> tuple[list[int], list[int], str]:
+        """(training row indices in order, stage per row, curriculum mode) for the configured subset."""
+        spec = self.hparams.subset
+        if spec == "all":
+            return pool_rows, [0] * len(pool_rows), "none"
+        if spec.startswith("random:"):
+            try:
+                k = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise DataError(f"data.subset: expected 'random:<k>' with an integer k, got {spec!r}") from None
+            if not 1 <= k <= len(pool_rows):
+                raise DataError(f"data.subset: random:{k} needs 1 ≤ k ≤ pool size {len(pool_rows)}")
+            chosen = sorted(random.Random(self.hparams.seed).sample(pool_rows, k))
+            return chosen, [0] * k, "none"
+        return self._selection_file(Path(spec), pool_rows)
+
+    def _selection_file(self, path: Path, pool_rows: list[int]) -> tuple[list[int], list[int], str]:
+        sel = read_json(path)
+        for field in ("ids", "stages", "fingerprint"):
+            if field not in sel:
+                raise DataError(f"{path}: missing field '{field}'")
+        if sel["fingerprint"] != self.processing.fingerprint():
+            raise DataError(
+                f"{path}: made for dataset fingerprint {sel['fingerprint']}, but data.processing has "
+                f"{self.processing.fingerprint()}; use a selection made on this dataset"
+            )
+        if len(sel["ids"]) != len(sel["stages"]):
+            raise DataError(f"{path}: 'ids' has {len(sel['ids'])} entries but 'stages' has {len(sel['stages'])}")
+        row_of = {sid: r for r, sid in enumerate(self.data["train"]["sample_id"])}
+        unknown = [i for i in sel["ids"] if i not in row_of]
+        if unknown:
+            raise DataError(f"{path}: field 'ids' names {len(unknown)} unknown training sample id(s), e.g. {unknown[:5]}")
+        mode = sel.get("curriculum", "stages")
+        if mode not in CURRICULUM_MODES:
+            raise DataError(f"{path}: field 'curriculum' must be one of {CURRICULUM_MODES}, got {mode!r}")
+        return [row_of[i] for i in sel["ids"]], [int(s) for s in sel["stages"]], mode
+
+    # -- curriculum -----------------------------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        """Number of curriculum stages in the training subset (1 when there is no curriculum)."""
+        return max(self.train_stages) + 1 if self.train_stages else 1
+
+    def set_stage(self, stage: int | None) -> None:
+        """Serve the stages unlocked at `stage` from the next train loader on; None = all selected samples."""
+        if stage is not None and not 0 <= stage < self.num_stages:
+            raise DataError(f"curriculum stage {stage} out of range 0..{self.num_stages - 1}")
+        self.stage = stage
+
+    def active_train_rows(self) -> list[int]:
+        """Training row indices served now, in subset order."""
+        return active_ids(self.train_ids, self.train_stages, self.stage, self.curriculum, self.hparams.pacing)
+
+    # -- loaders --------------------------------------------------------------------------------------------------
+    def _loader(self, split: str, order: Sequence[int], batch_size: int, shuffle: bool, shard: bool) -> DataLoader:
+        ds = PromptDataset(self.rows[split], order, self.builder, self.titles)
+        sampler = None
+        if shard and self.trainer is not None and self.trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            generator=generator if shuffle else None,
+            collate_fn=self.collate,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        shuffle = self.curriculum != "folds"
+        return self._loader("train", self.active_train_rows(), self.hparams.train_batch_size, shuffle, shard=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", self.split_order["valid"], self.hparams.eval_batch_size, False, shard=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.split_order["test"], self.hparams.eval_batch_size, False, shard=True)
+
+    def predict_dataloader(self) -> DataLoader:
+        split = self.hparams.predict_split
+        order = self.train_ids if split == "train" and self.hparams.subset != "all" else self.split_order[split]
+        return self._loader(split, order, self.hparams.eval_batch_size, False, shard=True)
+
+    def item_dataloader(self) -> DataLoader:
+        """The whole catalogue, item ids 1..N in order (every rank encodes all of it)."""
+        return DataLoader(
+            self.items,
+            batch_size=self.hparams.item_batch_size,
+            shuffle=False,
+            collate_fn=self.collate,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def item_prompt_batch(self, item_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded item prompts (ids [U, P], mask [U, P]) for the given item ids (1..N)."""
+        batch = self.collate([self.items[i - 1] for i in item_ids])
+        return batch["prompt_ids"], batch["prompt_mask"]
+
+    @property
+    def num_items(self) -> int:
+        """Catalogue size N (item ids 1..N; 0 is padding)."""
+        return len(self.data["items"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stage = state.get("stage")

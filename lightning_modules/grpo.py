@@ -1,0 +1,319 @@
+"""GRPOModule: RecPO training (GRPO-family RL with a ranking reward) and full-catalogue evaluation (METHOD.md §1, §4).
+
+Features: G sampled rollouts per prompt inside `training_step` (manual optimisation); rewards from the full catalogue with
+the history masked; gaussian or leave-one-out group advantages; clipped token loss (asymmetric ε, `ppo_epochs`, three
+aggregation modes, optional KL to the frozen base model); recommendation InfoNCE loss on the top rollouts of each group,
+with item embeddings computed with gradient for this device's targets and detached copies from other devices as extra
+negatives; micro-batched backward with gradient clipping; `loss_impl: reference` to reproduce the published code's
+broadcast. The catalogue is encoded at train start and at every validation (sharded over devices), its in-batch target
+rows are refreshed after each step, and it is fully re-encoded every `catalog_refresh_every_n_steps`. Validation and
+test: greedy reasoning, user embedding, full ranking with history masked, NDCG@K and HR@K for K in 5, 10, 20, 50.
+Checkpoints hold only the trainable (LoRA) weights with the optimizer and loop state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import torch
+
+from minirec.io import DataError
+from minirec.losses import (
+    dedupe_targets,
+    group_advantages,
+    loss_weights,
+    policy_token_loss,
+    rec_infonce_loss,
+    relabel_mask,
+)
+from minirec.metrics import RankingMetrics
+from minirec.policy import Policy, PolicyConfig
+from minirec.recpo import RewardConfig, SamplingConfig, score_rollouts
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """RecPO optimisation settings.
+
+    Args:
+        lr: AdamW learning rate (constant schedule after `warmup_steps`).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps (0 = constant from the start).
+        grad_clip: gradient-norm clip (0 = off).
+        micro_batch_size: rollout rows per forward/backward (the B x G rows of a step are split into these).
+        ppo_epochs: updates per rollout batch; with 1 the ratio ρ is exactly 1.
+        eps_low: lower clip ε.
+        eps_high: upper clip ε.
+        loss_agg: token loss aggregation: token_mean, seq_mean or dr_grpo.
+        advantage: gaussian or leave_one_out.
+        relabel_topk: rollouts per group that receive the recommendation loss.
+        kl_beta: weight of the KL to the frozen base model (0 = none, no reference forward).
+        rec_loss_weight: weight of the recommendation loss in the total loss.
+        loss_impl: intended (per-row advantages) or reference (the published code's broadcast; for parity only).
+        catalog_refresh_every_n_steps: full catalogue re-encode period in steps (0 = only at train start/validation).
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+    ppo_epochs: int = 1
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    loss_agg: str = "token_mean"
+    advantage: str = "gaussian"
+    relabel_topk: int = 1
+    kl_beta: float = 0.0
+    rec_loss_weight: float = 1.0
+    loss_impl: str = "intended"
+    catalog_refresh_every_n_steps: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "loss_agg": (self.loss_agg, ("token_mean", "seq_mean", "dr_grpo")),
+            "advantage": (self.advantage, ("gaussian", "leave_one_out")),
+            "loss_impl": (self.loss_impl, ("intended", "reference")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise DataError(f"model.optim.{name} must be one of {allowed}, got {value!r}")
+        if self.micro_batch_size < 1 or self.ppo_epochs < 1:
+            raise DataError("model.optim.micro_batch_size and model.optim.ppo_epochs must be ≥ 1")
+
+
+class GRPOModule(L.LightningModule):
+    """RecPO policy training and evaluation; see the module docstring for the feature list."""
+
+    def __init__(
+        self,
+        policy: PolicyConfig = PolicyConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        reward: RewardConfig = RewardConfig(),
+        optim: OptimConfig = OptimConfig(),
+        eval_max_new_tokens: int = 256,
+        ks: tuple[int, ...] = (5, 10, 20, 50),
+    ) -> None:
+        """
+        Args:
+            policy: model, LoRA and answer-marker settings.
+            sampling: rollout sampling (G, temperature, top-k, top-p, max new tokens).
+            reward: score temperature and reward mix.
+            optim: optimisation and loss settings.
+            eval_max_new_tokens: longest greedy reasoning in validation / test / predict.
+            ks: cut-offs of the NDCG@K / HR@K metrics.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.policy = Policy(**asdict(policy))
+        self.sampling, self.reward, self.optim = sampling, reward, optim
+        self.val_metrics = RankingMetrics(ks)
+        self.test_metrics = RankingMetrics(ks)
+        self.catalog: torch.Tensor | None = None  # [N+1, H], row 0 = padding
+
+    # -- catalogue ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_catalog(self) -> torch.Tensor:
+        """Encode all items, sharded over ranks and gathered: [N+1, H] (row 0 zeros)."""
+        dm = self.trainer.datamodule
+        n, world, rank = dm.num_items, self.trainer.world_size, self.trainer.global_rank
+        per_rank = math.ceil(n / world)
+        mine = list(range(1 + rank * per_rank, 1 + min(n, (rank + 1) * per_rank)))
+        chunks = []
+        for start in range(0, per_rank, dm.hparams.item_batch_size):
+            ids = mine[start : start + dm.hparams.item_batch_size] or [1]  # equal call counts on every rank
+            prompt_ids, prompt_mask = dm.item_prompt_batch(ids)
+            emb = self.policy.encode(prompt_ids.to(self.device), prompt_mask.to(self.device)).float()
+            chunks.append(emb[: len(mine[start : start + dm.hparams.item_batch_size])])
+        local = torch.cat(chunks) if chunks else torch.zeros(0, self.policy.hidden_size, device=self.device)
+        padded = torch.zeros(per_rank, local.shape[1], device=self.device)
+        padded[: len(local)] = local
+        gathered = self.all_gather(padded) if world > 1 else padded[None]
+        catalog = torch.zeros(n + 1, local.shape[1], device=self.device)
+        catalog[1:] = gathered.reshape(-1, local.shape[1])[:n]
+        return catalog
+
+    def _item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings [U, H] of the given item ids, with gradient."""
+        prompt_ids, prompt_mask = self.trainer.datamodule.item_prompt_batch(item_ids.tolist())
+        return self.policy.encode(prompt_ids.to(self.device), prompt_mask.to(self.device))
+
+    def on_train_start(self) -> None:
+        self.catalog = self.encode_catalog()
+
+    def on_validation_epoch_start(self) -> None:
+        self.catalog = self.encode_catalog()
+
+    def on_test_epoch_start(self) -> None:
+        self.catalog = self.encode_catalog()
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def _micro_batches(self, rows: int) -> list[slice]:
+        mb = self.optim.micro_batch_size
+        return [slice(i, min(i + mb, rows)) for i in range(0, rows, mb)]
+
+    def _forward_rows(self, seq, mask, comp_pos) -> tuple[torch.Tensor, torch.Tensor]:
+        """No-grad forward in micro-batches: token log-probs [R, S] and user embeddings [R, H]."""
+        lps, hs = [], []
+        for sl in self._micro_batches(seq.shape[0]):
+            lp, h = self.policy.forward_sequences(seq[sl], mask[sl], comp_pos[sl])
+            lps.append(lp)
+            hs.append(h.float())
+        return torch.cat(lps), torch.cat(hs)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        G, opt, sched = self.sampling.group_size, self.optimizers(), self.lr_schedulers()
+        every = self.optim.catalog_refresh_every_n_steps
+        if self.catalog is None or (every and self.global_step > 0 and self.global_step % every == 0):
+            self.catalog = self.encode_catalog()
+
+        t0 = time.perf_counter()
+        comp, comp_mask = self.policy.generate(
+            batch["prompt_ids"], batch["prompt_mask"], num_samples=G, do_sample=True,
+            temperature=self.sampling.temperature, top_k=self.sampling.top_k, top_p=self.sampling.top_p,
+            max_new_tokens=self.sampling.max_new_tokens,
+        )
+        gen_seconds = time.perf_counter() - t0
+        rep = lambda x: x.repeat_interleave(G, dim=0)  # noqa: E731  [B, ...] -> [B x G, ...]
+        target, history = rep(batch["target"]), rep(batch["history"])
+        seq, mask, comp_pos = self.policy.join(rep(batch["prompt_ids"]), rep(batch["prompt_mask"]), comp, comp_mask)
+
+        self.policy.eval()
+        with torch.no_grad():
+            old_lp, h = self._forward_rows(seq, mask, comp_pos)
+            ref_lp = None
+            if self.optim.kl_beta > 0:
+                with self.policy.model.disable_adapter():
+                    ref_lp, _ = self._forward_rows(seq, mask, comp_pos)
+        self.policy.train()
+        rewards, _ = score_rollouts(h, self.catalog, target, history, self.reward)
+        adv = group_advantages(rewards, G, self.optim.advantage)
+        relabel = relabel_mask(rewards, G, self.optim.relabel_topk)
+        token_adv, rec_w = loss_weights(adv, relabel, G, self.optim.loss_impl)
+        self._check_finite("reward", rewards, batch)
+
+        uniq, t_index = dedupe_targets(target)
+        rows, n_tok = seq.shape[0], comp_pos.sum().clamp(min=1)
+        for _ in range(self.optim.ppo_epochs):
+            total = torch.zeros((), device=self.device)
+            for sl in self._micro_batches(rows):
+                item_emb = self._item_embeddings(uniq)
+                extra, extra_ids = self._other_ranks(item_emb.detach(), uniq)
+                lp, h_mb = self.policy.forward_sequences(seq[sl], mask[sl], comp_pos[sl])
+                old = lp.detach() if self.optim.ppo_epochs == 1 else old_lp[sl]
+                tok_loss, stats = policy_token_loss(
+                    lp, old, token_adv[sl], comp_pos[sl], self.optim.eps_low, self.optim.eps_high,
+                    agg=self.optim.loss_agg, ref_logprobs=None if ref_lp is None else ref_lp[sl],
+                    kl_beta=self.optim.kl_beta, max_len=comp_pos.shape[1],
+                )
+                rec_loss = rec_infonce_loss(
+                    h_mb, item_emb, t_index[sl], rec_w[sl], self.reward.tau, extra, item_ids=uniq, extra_ids=extra_ids
+                )
+                share = comp_pos[sl].sum() / n_tok if self.optim.loss_agg == "token_mean" else (sl.stop - sl.start) / rows
+                rec_share = (sl.stop - sl.start) / rows
+                loss = tok_loss * share + self.optim.rec_loss_weight * rec_loss * rec_share
+                self._check_finite("loss", loss, batch)
+                self.manual_backward(loss)
+                total = total + loss.detach()
+            if self.optim.grad_clip > 0:
+                self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad()
+        sched.step()
+        with torch.no_grad():
+            self.catalog[uniq] = self._item_embeddings(uniq).float()
+
+        lengths = comp_mask.sum(1).float()
+        groups = rewards.view(-1, G)
+        self.log_dict(
+            {
+                "train/loss": total,
+                "train/reward_mean": rewards.mean(),
+                "train/reward_std": rewards.std(unbiased=False),
+                "train/reward_max": rewards.max(),
+                "train/adv_mean": adv.mean(),
+                "train/adv_abs_mean": adv.abs().mean(),
+                "train/zero_spread_groups": (groups.max(1).values == groups.min(1).values).float().mean(),
+                "train/completion_len": lengths.mean(),
+                "train/rollout_tokens_per_s": lengths.sum() / max(gen_seconds, 1e-9),
+                "train/clip_frac": stats.get("clip_frac", torch.zeros(())),
+                "train/lr": torch.tensor(opt.param_groups[0]["lr"]),
+            },
+            prog_bar=False,
+            on_step=True,
+            batch_size=batch["target"].shape[0],
+        )
+        self.log("reward", rewards.mean(), prog_bar=True, on_step=True, batch_size=batch["target"].shape[0])
+
+    def _other_ranks(self, item_emb: torch.Tensor, item_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Detached embeddings [E, H] and ids [E] of the other ranks' in-batch targets (None, None on one device)."""
+        if self.trainer.world_size == 1:
+            return None, None
+        counts = self.all_gather(torch.tensor([item_emb.shape[0]], device=self.device)).flatten()
+        width = int(counts.max())  # pad to a common length: ranks have different numbers of unique targets
+        emb = torch.zeros(width, item_emb.shape[1], device=self.device, dtype=item_emb.dtype)
+        ids = torch.zeros(width, dtype=torch.long, device=self.device)
+        emb[: item_emb.shape[0]], ids[: item_ids.shape[0]] = item_emb, item_ids
+        all_emb, all_ids = self.all_gather(emb), self.all_gather(ids)  # [W, width, H], [W, width]
+        others = [r for r in range(all_emb.shape[0]) if r != self.global_rank]
+        return (
+            torch.cat([all_emb[r, : int(counts[r])] for r in others]),
+            torch.cat([all_ids[r, : int(counts[r])] for r in others]),
+        )
+
+    def _check_finite(self, what: str, value: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(
+                f"non-finite {what} at global step {self.global_step}; sample ids {batch['sample_id'].tolist()}. "
+                "The last good checkpoint is kept; lower the learning rate or check the data."
+            )
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def user_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy reasoning then encoding: (user embeddings [B, H], completion lengths [B])."""
+        comp, comp_mask = self.policy.generate(
+            batch["prompt_ids"], batch["prompt_mask"], num_samples=1, do_sample=False,
+            max_new_tokens=self.hparams.eval_max_new_tokens,
+        )
+        seq, mask, _ = self.policy.join(batch["prompt_ids"], batch["prompt_mask"], comp, comp_mask)
+        return self.policy.encode(seq, mask).float(), comp_mask.sum(1)
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
+        h, _ = self.user_embeddings(batch)
+        _, ranks = score_rollouts(h, self.catalog, batch["target"], batch["history"], self.reward)
+        metrics.update(ranks)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        for k, v in self.val_metrics.compute().items():
+            self.log(f"val/{k}", v, prog_bar=k == "ndcg@10")
+        self.val_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()})
+        self.test_metrics.reset()
+
+    # -- optimisation and checkpoints -----------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        warm = self.optim.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable weights in the checkpoint."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

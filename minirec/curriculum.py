@@ -1,0 +1,118 @@
+"""Curriculum over the selected samples, easy -> hard by the proxy's mean reward r̄ (METHOD.md §5.6).
+
+- `stages` (default): sort by r̄ descending, cut into `num_stages` nearly equal consecutive chunks (stage 0 = easiest);
+  stage s unlocks at epoch s·epochs_per_stage; `cumulative` pacing trains on all unlocked stages, `exclusive` on the
+  current one only; after the last stage every selected sample is active.
+- `folds` (the published ordering): seeded shuffle, folds of `fold_size`, each fold sorted by r̄ descending, trained in
+  that fixed order every epoch (no shuffling); the stage index is the fold index.
+- `none`: selection order, one stage.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from minirec.io import DataError
+
+CURRICULUM_MODES = ("stages", "folds", "none")
+PACINGS = ("cumulative", "exclusive")
+
+
+def _rewards_of(ids: list[int], mean_rewards: Mapping[int, float] | Sequence[float] | torch.Tensor) -> list[float]:
+    """r̄ of each id: a mapping is keyed by pool id; a sequence / tensor is aligned with `ids` (same order)."""
+    if isinstance(mean_rewards, Mapping):
+        missing = [i for i in ids if i not in mean_rewards]
+        if missing:
+            raise DataError(f"curriculum: no mean reward for selected ids {missing[:5]}")
+        return [float(mean_rewards[i]) for i in ids]
+    values = torch.as_tensor(mean_rewards, dtype=torch.float64).reshape(-1).tolist()
+    if len(values) != len(ids):
+        raise DataError(f"curriculum: {len(values)} mean rewards for {len(ids)} selected ids (must be aligned)")
+    return values
+
+
+def _by_reward_desc(ids: list[int], rewards: dict[int, float]) -> list[int]:
+    """ids sorted by reward descending; ties keep their order (stable)."""
+    return sorted(ids, key=lambda i: -rewards[i])
+
+
+def build_curriculum(
+    selected: Sequence[int] | torch.Tensor,
+    mean_rewards: Mapping[int, float] | Sequence[float] | torch.Tensor,
+    mode: str = "stages",
+    num_stages: int = 4,
+    fold_size: int = 64,
+    seed: int = 0,
+) -> tuple[list[int], list[int]]:
+    """Order the selected pool ids and give each a stage: -> (ordered ids, stage index per id), both of length k.
+
+    selected: pool ids in selection order (unique). mean_rewards: a mapping pool id -> r̄, or a sequence / tensor
+    aligned with `selected`. stages: stable sort by r̄ descending, `num_stages` chunks whose sizes differ by at most one
+    (larger ones first). folds: seeded shuffle, folds of `fold_size` (the last may be shorter), each sorted by r̄
+    descending; stage = fold index. none: selection order, all stage 0.
+    """
+    ids = [int(i) for i in torch.as_tensor(selected).reshape(-1).tolist()]
+    if not ids:
+        raise DataError("curriculum: the selection is empty")
+    if len(set(ids)) != len(ids):
+        raise DataError("curriculum: selected ids must be unique")
+    rewards = dict(zip(ids, _rewards_of(ids, mean_rewards)))
+    if mode == "none":
+        return ids, [0] * len(ids)
+    if mode == "stages":
+        if not 1 <= num_stages <= len(ids):
+            raise DataError(f"curriculum num_stages must lie in 1..{len(ids)} (the subset size), got {num_stages}")
+        ordered = _by_reward_desc(ids, rewards)
+        base, extra = divmod(len(ordered), num_stages)
+        stages = [s for s in range(num_stages) for _ in range(base + (s < extra))]
+        return ordered, stages
+    if mode == "folds":
+        if fold_size < 1:
+            raise DataError(f"curriculum fold_size must be >= 1, got {fold_size}")
+        perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+        shuffled = [ids[p] for p in perm]
+        ordered, stages = [], []
+        for f, start in enumerate(range(0, len(shuffled), fold_size)):
+            fold = _by_reward_desc(shuffled[start : start + fold_size], rewards)
+            ordered += fold
+            stages += [f] * len(fold)
+        return ordered, stages
+    raise DataError(f"unknown curriculum mode {mode!r}; choose one of {', '.join(CURRICULUM_MODES)}")
+
+
+def current_stage(epoch: int, epochs_per_stage: int, num_stages: int) -> int | None:
+    """The stage unlocked last at `epoch` (epoch // epochs_per_stage), or None once every stage is unlocked and done."""
+    if epoch < 0 or epochs_per_stage < 1 or num_stages < 1:
+        raise DataError(
+            f"curriculum needs epoch >= 0, epochs_per_stage >= 1, num_stages >= 1; "
+            f"got {epoch}, {epochs_per_stage}, {num_stages}"
+        )
+    stage = epoch // epochs_per_stage
+    return stage if stage < num_stages else None
+
+
+def active_ids(
+    ids: Sequence[int], stages: Sequence[int], stage: int | None, mode: str, pacing: str = "cumulative"
+) -> list[int]:
+    """The ids trained on while `stage` is the last unlocked one (None = all unlocked), in curriculum order.
+
+    stages mode: cumulative -> ids with stage <= `stage`, exclusive -> stage == `stage`; None -> all ids.
+    folds / none: all ids, fixed order.
+    """
+    if len(ids) != len(stages):
+        raise DataError(f"curriculum: {len(ids)} ids but {len(stages)} stage indices")
+    if pacing not in PACINGS:
+        raise DataError(f"unknown curriculum pacing {pacing!r}; choose one of {', '.join(PACINGS)}")
+    if mode not in CURRICULUM_MODES:
+        raise DataError(f"unknown curriculum mode {mode!r}; choose one of {', '.join(CURRICULUM_MODES)}")
+    ids = [int(i) for i in ids]
+    if mode != "stages" or stage is None:
+        return ids
+    num_stages = max(stages) + 1 if len(stages) else 1
+    if not 0 <= stage < num_stages:
+        raise DataError(f"curriculum stage {stage} out of range 0..{num_stages - 1}")
+    if pacing == "cumulative":
+        return [i for i, s in zip(ids, stages) if s <= stage]
+    return [i for i, s in zip(ids, stages) if s == stage]

@@ -1,0 +1,176 @@
+"""RecPO losses (METHOD.md §4): group advantages, relabel mask, clipped token policy loss, recommendation InfoNCE.
+
+Rollouts are laid out group-major: rows `[B x G]` are B prompts times G rollouts, rollouts of one prompt adjacent.
+All arithmetic is float32 whatever the input dtype (bfloat16 works).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minirec.io import DataError
+
+ADVANTAGE_MODES = ("gaussian", "leave_one_out")
+AGG_MODES = ("token_mean", "seq_mean", "dr_grpo")
+LOSS_IMPLS = ("intended", "reference")
+
+
+def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`[B x G]` -> `[B, G]` float32; raises DataError if the length is not a multiple of group_size."""
+    if group_size < 1 or x.dim() != 1 or x.numel() % group_size:
+        raise DataError(f"group_size={group_size} must be >= 1 and divide the number of rollouts ({x.numel()})")
+    return x.float().view(-1, group_size)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, mode: str = "gaussian", eps: float = 1e-8
+) -> torch.Tensor:
+    """Per-group advantages. rewards `[B x G]` -> `[B x G]` float32; G = 1 gives A = 1 in both modes.
+
+    gaussian: (r - mean_G) / (std_G + eps) with the unbiased (Bessel, /(G - 1)) std, as torch.std in the published code.
+    leave_one_out: r - mean of the other G - 1 rewards of the group (= G / (G - 1) * (r - mean_G)).
+    """
+    if mode not in ADVANTAGE_MODES:
+        raise DataError(f"advantage mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+    r = _groups(rewards, group_size)
+    if group_size == 1:
+        return torch.ones_like(r).view(-1)
+    mean = r.mean(dim=1, keepdim=True)
+    if mode == "gaussian":
+        adv = (r - mean) / (r.std(dim=1, keepdim=True) + eps)
+    else:
+        adv = r - (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
+    return adv.view(-1)
+
+
+def relabel_mask(rewards: torch.Tensor, group_size: int, topk: int = 1) -> torch.Tensor:
+    """Marks the top-`topk` rollouts of each group by reward (ties: lowest index first). `[B x G]` -> bool `[B x G]`."""
+    if topk < 0:
+        raise DataError(f"relabel_topk must be >= 0, got {topk}")
+    r = _groups(rewards, group_size)
+    order = torch.sort(r, dim=1, descending=True, stable=True).indices[:, : min(topk, group_size)]
+    mask = torch.zeros_like(r, dtype=torch.bool)
+    mask.scatter_(1, order, True)
+    return mask.view(-1)
+
+
+def policy_token_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    agg: str = "token_mean",
+    ref_logprobs: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy-gradient loss on completion tokens.
+
+    logprobs / old_logprobs / ref_logprobs `[R, T]`, advantages `[R]`, mask `[R, T]` (1 = completion token).
+    Per token: -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A), rho = exp(logp - old_logp), plus
+    kl_beta * (exp(ref - logp) - (ref - logp) - 1) (k3 estimator) when ref_logprobs is given. Aggregation `agg`:
+    token_mean = sum / #tokens; seq_mean = mean over rows of each row's token mean; dr_grpo = sum / (R * max_len),
+    max_len = T if None. With old_logprobs = logprobs.detach() (ppo_epochs = 1), rho = 1 and the gradient is -A dlogp.
+    Returns (loss, stats) with detached stats: clip_frac (share of tokens where the clipped side is active),
+    ratio_mean, kl (token means; kl is 0 without a reference).
+    """
+    if agg not in AGG_MODES:
+        raise DataError(f"loss aggregation must be one of {AGG_MODES}, got {agg!r}")
+    logp = logprobs.float()
+    m = mask.float()
+    adv = advantages.float()[:, None]
+    ratio = torch.exp(logp - old_logprobs.float())
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    kl = torch.zeros_like(logp)
+    if ref_logprobs is not None:
+        delta = ref_logprobs.float() - logp
+        kl = torch.exp(delta) - delta - 1.0
+        per_token = per_token + kl_beta * kl
+
+    n_tokens = m.sum().clamp(min=1.0)
+    if agg == "token_mean":
+        loss = (per_token * m).sum() / n_tokens
+    elif agg == "seq_mean":
+        loss = ((per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).mean()
+    else:
+        loss = (per_token * m).sum() / (logp.shape[0] * (max_len if max_len is not None else logp.shape[1]))
+
+    with torch.no_grad():
+        is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+        stats = {
+            "clip_frac": (is_clipped.float() * m).sum() / n_tokens,
+            "ratio_mean": (ratio * m).sum() / n_tokens,
+            "kl": (kl * m).sum() / n_tokens,
+        }
+    return loss, stats
+
+
+def dedupe_targets(target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique in-batch target items. target_ids `[R]` -> (unique ids `[M]` sorted, target_index `[R]` into them).
+
+    Encode only the unique items and pass target_index to `rec_infonce_loss`, so a row's own target is never also
+    one of its negatives.
+    """
+    unique, index = torch.unique(target_ids, sorted=True, return_inverse=True)
+    return unique, index
+
+
+def rec_infonce_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    target_index: torch.Tensor,
+    weights: torch.Tensor,
+    tau: float = 0.02,
+    extra_negatives: torch.Tensor | None = None,
+    item_ids: torch.Tensor | None = None,
+    extra_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted InfoNCE of each user embedding against the in-batch target items (+ detached extra negatives).
+
+    user_emb `[R, H]`; item_emb `[M, H]` the UNIQUE in-batch target items of this device (with grad); target_index `[R]`
+    into item_emb; weights `[R]` (A * relabel); extra_negatives `[E, H]` (e.g. gathered from other devices; always
+    detached). Logits are cos / tau over the M + E candidates. Loss = sum_r w_r * CE_r / R: the normaliser is the number
+    of rows R, zero-weight rows included. When item_ids `[M]` and extra_ids `[E]` are given, extra negatives that repeat
+    an in-batch item or an earlier extra negative are dropped, so no item is a candidate twice.
+    """
+    if tau <= 0:
+        raise DataError(f"tau must be > 0, got {tau}")
+    candidates = item_emb.float()
+    drop = None
+    if extra_negatives is not None:
+        candidates = torch.cat([candidates, extra_negatives.detach().float()], dim=0)
+        if item_ids is not None and extra_ids is not None:
+            in_batch = (extra_ids[:, None] == item_ids[None, :]).any(dim=1)
+            seen_before = (extra_ids[:, None] == extra_ids[None, :]).tril(diagonal=-1).any(dim=1)
+            drop = torch.cat([torch.zeros_like(item_ids, dtype=torch.bool), in_batch | seen_before])
+    logits = F.normalize(user_emb.float(), dim=-1) @ F.normalize(candidates, dim=-1).T / tau
+    if drop is not None:
+        logits = logits.masked_fill(drop[None, :], float("-inf"))
+    ce = F.cross_entropy(logits, target_index.long(), reduction="none")
+    return (weights.float() * ce).sum() / user_emb.shape[0]
+
+
+def loss_weights(
+    advantages: torch.Tensor, relabel: torch.Tensor, group_size: int, loss_impl: str = "intended"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row weights of the two loss terms. advantages, relabel `[B x G]` -> (token_adv, rec_weights) `[B x G]`.
+
+    intended (default): token_adv = A, rec_weights = A * relabel.
+    reference (only to reproduce published numbers): the published RecPO code multiplies a `[R, 1, 1]` advantage with
+    `[R, T]` / `[R, 1]` tensors, broadcasting to `[R, R, T]` / `[R, R, 1]`. Its gradient equals giving EVERY row the
+    mean over the rows passed in: token_adv = mean(A) for all rows (with gaussian or leave-one-out advantages each
+    group sums to 0, so the token term cancels up to rounding) and rec_weights = mean(A * relabel) for all rows (the
+    rec loss applies to every rollout with one shared weight). The published code takes these means over one
+    optimisation mini-batch (the rec weight over the mini-batches of all devices, gathered), so pass rows accordingly.
+    """
+    if loss_impl not in LOSS_IMPLS:
+        raise DataError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+    adv = _groups(advantages, group_size).view(-1)
+    weighted = adv * relabel.float()
+    if loss_impl == "intended":
+        return adv, weighted
+    return adv.mean().expand_as(adv).clone(), weighted.mean().expand_as(adv).clone()

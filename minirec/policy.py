@@ -1,0 +1,289 @@
+"""The one policy wrapper used by training, scoring and evaluation (METHOD.md §1, §3, §4).
+
+A causal LM with a LoRA adapter (PEFT) that
+- generates reasoning that stops at the first answer marker (the marker is appended when the model never writes it),
+- scores sequences: per-token log-probs of completion tokens and the user / item embedding, the final-norm hidden state
+  at the last token, in one forward pass,
+- saves and loads only the LoRA weights (as a state dict for checkpoints, or as a PEFT adapter folder).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from minirec.io import DataError, atomic_replace_dir
+from minirec.models import load_tokenizer, resolve_pretrained
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Half-precision tensors to float32 (float32 and float64 stay)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+class MarkerStop(StoppingCriteria):
+    """Stops a row once its generated tokens (after the first `prompt_len` columns) end with `marker_ids`."""
+
+    def __init__(self, marker_ids: Sequence[int], prompt_len: int) -> None:
+        self.marker = torch.tensor(list(marker_ids))
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs) -> Tensor:
+        m = len(self.marker)
+        if input_ids.shape[1] - self.prompt_len < m:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return (input_ids[:, -m:] == self.marker.to(input_ids.device)).all(dim=1)
+
+
+def finish_completion(tokens: Sequence[int], marker_ids: Sequence[int], stop_ids: set[int]) -> list[int]:
+    """Generated tokens -> the completion: cut at the first stop (EOS) token, keep up to and including the first
+    marker, append the marker when it never appears."""
+    tokens = list(tokens)
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            tokens = tokens[:i]
+            break
+    marker, m = list(marker_ids), len(marker_ids)
+    for i in range(len(tokens) - m + 1):
+        if tokens[i : i + m] == marker:
+            return tokens[: i + m]
+    return tokens + marker
+
+
+class Policy(torch.nn.Module):
+    """Causal LM + LoRA (PEFT) with generate / encode / token log-probs.
+
+    Args:
+        pretrained: a preset name (`minirec.models.PRESETS`), a local model folder or a hub id.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: dropout on the LoRA input (active in training mode only).
+        lora_target_modules: names of the linear layers that get LoRA.
+        dtype: weight dtype, "float32", "bfloat16" or "float16".
+        attn_implementation: "sdpa" or "eager" (eager supports double backward through attention on CPU) or any
+            implementation transformers accepts.
+        gradient_checkpointing: recompute layer activations in backward (non-reentrant) to save memory.
+        answer_marker: text that ends the reasoning; its last token's hidden state is the embedding.
+        adapter_path: a PEFT adapter folder (from `save_adapter`) to start from, loaded trainable; the `lora_*`
+            arguments are then taken from that adapter.
+        logprob_chunk_size: completion positions per lm_head / log-softmax chunk (bounds the fp32 logits memory).
+
+    Starts in eval mode, like `from_pretrained`; Lightning switches it to train mode for fitting.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "tiny-random-qwen2",
+        lora_r: int = 4,
+        lora_alpha: int = 128,
+        lora_dropout: float = 0.05,
+        lora_target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+        answer_marker: str = "<answer>",
+        adapter_path: str | None = None,
+        logprob_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise DataError(f"model.dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
+        if logprob_chunk_size < 1:
+            raise DataError(f"model.logprob_chunk_size={logprob_chunk_size}: must be >= 1")
+        path = resolve_pretrained(pretrained)
+        self.tokenizer = load_tokenizer(path)
+        self.marker_ids: list[int] = self._marker_ids(answer_marker)
+        try:
+            base = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
+        except ValueError as e:
+            if "attention implementation" not in str(e) and "attn_implementation" not in str(e):
+                raise
+            raise DataError(f"model.attn_implementation={attn_implementation!r} is not supported by {pretrained!r}; "
+                            "use 'eager'") from None
+        if adapter_path is not None:
+            if not (Path(adapter_path) / "adapter_config.json").is_file():
+                raise DataError(f"model.adapter_path={adapter_path!r}: no adapter_config.json there (not a PEFT adapter)")
+            self.model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
+        else:
+            lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                              target_modules=list(lora_target_modules), task_type="CAUSAL_LM")
+            try:
+                self.model = get_peft_model(base, lora)
+            except ValueError as e:
+                raise DataError(f"model.lora_target_modules={list(lora_target_modules)}: {e}") from None
+        if gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.enable_input_require_grads()
+        self.hidden_size: int = base.config.hidden_size
+        self._softcap: float | None = getattr(base.config, "final_logit_softcapping", None)
+        self.logprob_chunk_size = logprob_chunk_size
+        self.eval()
+
+    def _marker_ids(self, marker: str) -> list[int]:
+        ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if not ids or self.tokenizer.decode(ids) != marker:
+            raise DataError(f"model.answer_marker={marker!r}: the tokenizer cannot represent it (empty or no round trip)")
+        if set(ids) & set(self.tokenizer.all_special_ids):
+            raise DataError(f"model.answer_marker={marker!r}: must be plain text, not a special token")
+        return ids
+
+    @property
+    def _stop_ids(self) -> set[int]:
+        """EOS ids of the tokenizer and the model's generation config."""
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        num_samples: int = 1,
+        do_sample: bool = True,
+        temperature: float = 1.5,
+        top_k: int = 200,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+    ) -> tuple[Tensor, Tensor]:
+        """Sample `num_samples` completions per left-padded prompt `[B, P]`, each ending with the first marker.
+
+        Returns completion_ids `[B x G, T]` right-padded with the pad token (row b*G+g is sample g of prompt b) and
+        completion_mask `[B x G, T]`, T <= max_new_tokens + len(marker). Greedy when `do_sample` is False (decoded once
+        per prompt, repeated G times). Runs in eval mode (no dropout) and restores the previous mode; seed with
+        `torch.manual_seed` for reproducible samples.
+        """
+        pad = self.tokenizer.pad_token_id
+        stop_ids = self._stop_ids
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
+        config = GenerationConfig(
+            do_sample=do_sample, max_new_tokens=max_new_tokens, num_return_sequences=num_samples if do_sample else 1,
+            pad_token_id=pad,
+            eos_token_id=sorted(stop_ids), bos_token_id=self.tokenizer.bos_token_id, use_cache=True, **sampling,
+        )
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                stopping_criteria=StoppingCriteriaList([MarkerStop(self.marker_ids, input_ids.shape[1])]),
+            )
+        finally:
+            self.train(was_training)
+        if not do_sample:
+            out = out.repeat_interleave(num_samples, dim=0)
+        rows = [finish_completion(r, self.marker_ids, stop_ids) for r in out[:, input_ids.shape[1] :].tolist()]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids.to(input_ids.device), mask.to(input_ids.device)
+
+    def join(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Prompt `[R, P]` (left-padded) + completion `[R, T]` (right-padded) -> one left-padded sequence per row.
+
+        Returns input_ids `[R, P+T]`, attention_mask `[R, P+T]` (long) and completion_positions `[R, P+T]` (bool, True on
+        the completion's tokens: the log-prob targets).
+        """
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        real = torch.cat([prompt_mask, completion_mask], dim=1).bool()
+        comp = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), completion_mask.bool()], dim=1)
+        order = torch.argsort(real.long(), dim=1, stable=True)  # padding first, real tokens after in their order
+        real, comp = real.gather(1, order), comp.gather(1, order)
+        ids = ids.gather(1, order).masked_fill(~real, self.tokenizer.pad_token_id)
+        return ids, real.long(), comp & real
+
+    def forward_sequences(
+        self, input_ids: Tensor, attention_mask: Tensor, completion_positions: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor]:
+        """One forward pass over left-padded sequences `[R, S]`.
+
+        Returns (logps, embeddings): logps `[R, S]` (fp32 or wider) with log π(token_t | tokens_<t) at completion positions and 0
+        elsewhere (None when `completion_positions` is None), computed in chunks of positions through lm_head so the
+        full fp32 `[R, S, V]` logits never exist; embeddings `[R, H]` (fp32 or wider), the final-norm hidden state at the last
+        token. Positions count real tokens only (cumsum of the mask - 1), as in `generate`, so left padding does not
+        change the result.
+        """
+        if not bool(attention_mask[:, -1].all()):
+            raise DataError("forward_sequences: attention_mask must be left-padded (last position real in every row)")
+        hf = self.model.get_base_model()
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = hf.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # [R, S, H], after the final norm
+        embeddings = _upcast(hidden[:, -1])
+        if completion_positions is None:
+            return None, embeddings
+        targets = completion_positions.bool().clone()
+        targets[:, 0] = False  # the first token has no preceding logits
+        vals = self._token_logprobs(hidden[:, :-1][targets[:, 1:]], input_ids[:, 1:][targets[:, 1:]])
+        logps = vals.new_zeros(input_ids.shape).masked_scatter(targets, vals)
+        return logps, embeddings
+
+    def _token_logprobs(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Hidden states `[N, H]` of the positions before the targets `[N]` -> fp32 log-probs `[N]`, in chunks; with
+        grad enabled each chunk is checkpointed so backward recomputes its logits instead of storing them."""
+        out = []
+        for h, t in zip(hidden.split(self.logprob_chunk_size), targets.split(self.logprob_chunk_size)):
+            if False:
+                out.append(checkpoint(self._chunk_logprobs, h, t, use_reentrant=False))
+            else:
+                out.append(self._chunk_logprobs(h, t))
+        return torch.cat(out) if out else _upcast(hidden.new_zeros(0))
+
+    def _chunk_logprobs(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        logits = _upcast(self.model.get_base_model().get_output_embeddings()(hidden))  # [n, V]
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Embeddings `[R, H]` of left-padded sequences `[R, S]` (users after reasoning, or items)."""
+        return self.forward_sequences(input_ids, attention_mask)[1]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The LoRA (trainable) weights only, by parameter name."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Copy LoRA weights from `trainable_state_dict()` output; names and shapes must match exactly."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(params.keys() - state_dict.keys()), sorted(state_dict.keys() - params.keys())
+        if missing or unexpected:
+            raise DataError(f"LoRA state dict does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                            " (different model.pretrained or lora_target_modules?)")
+        for n, p in params.items():
+            if p.shape != state_dict[n].shape:
+                raise DataError(f"LoRA weight {n}: shape {tuple(state_dict[n].shape)} != {tuple(p.shape)} "
+                                "(different model.lora_r?)")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state_dict[n])
+
+    def save_adapter(self, folder: str | Path) -> None:
+        """Write the LoRA adapter in the PEFT layout (atomically); `PeftModel.from_pretrained(base, folder)` opens it."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        try:
+            self.model.save_pretrained(tmp)
+            atomic_replace_dir(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

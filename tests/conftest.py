@@ -1,0 +1,26 @@
+"""Shared test set-up: offline Hugging Face, a temporary HF_HOME, and the paths of the real fixture data."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="minirec-hf-"))
+os.environ.setdefault("MINIREC_CACHE", tempfile.mkdtemp(prefix="minirec-models-"))  # converted / tiny models, per run
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+AMAZON_DIR = PROJECT_ROOT.parent / "shared" / "data" / "amazon2023"
+
+
+@pytest.fixture(scope="session")
+def amazon_dir() -> Path:
+    """Folder of the real Amazon Reviews 2023 fixture files (read in place, never copied)."""
+    if not AMAZON_DIR.is_dir():
+        pytest.fail(f"fixture data folder missing: {AMAZON_DIR}")
+    return AMAZON_DIR

@@ -1,0 +1,325 @@
+"""Policy: generation with marker stopping, sequence joining, chunked log-probs, embeddings, LoRA state and adapters,
+double backward. Tiny random models from the preset cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from minirec.io import DataError
+from minirec.models import resolve_pretrained
+from minirec.policy import MarkerStop, Policy, finish_completion
+
+MARKER = [44, 11247, 46]  # "<answer>" with the SmolLM2 tokenizer
+TEXTS = ["I liked [Abbey Road] and [Kind of Blue].", "Rated [Thriller] 5/5 and [Rumours] 4/5 last month, then more."]
+
+
+@pytest.fixture(scope="module")
+def policy() -> Policy:
+    """A shared tiny Qwen2 policy; tests that change its weights build their own."""
+    return Policy("tiny-random-qwen2")
+
+
+def prompts(policy: Policy, texts: list[str] = TEXTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded chat prompts `[B, P]` and their mask."""
+    enc = policy.tokenizer.apply_chat_template([[{"role": "user", "content": t}] for t in texts], add_generation_prompt=True,
+                                               padding=True, return_tensors="pt", return_dict=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def randomize_lora(policy: Policy, seed: int = 0) -> None:
+    """Seeded LoRA weights with non-zero B (PEFT starts B at zero), so the adapter changes outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def real_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+
+
+def sequences(policy: Policy, max_new_tokens: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Joined prompt + greedy completion sequences of TEXTS."""
+    ids, mask = prompts(policy)
+    comp, cmask = policy.generate(ids, mask, do_sample=False, max_new_tokens=max_new_tokens)
+    return policy.join(ids, mask, comp, cmask)
+
+
+# ---- generation ---------------------------------------------------------------------------------------------------
+
+
+def test_marker_ids_and_errors(policy):
+    assert policy.marker_ids == MARKER
+    for bad in ["", "<|im_end|>"]:
+        with pytest.raises(DataError, match="answer_marker"):
+            Policy("tiny-random-qwen2", answer_marker=bad)
+
+
+def test_finish_completion_rules():
+    eos = {2}
+    assert finish_completion([5, 44, 11247, 46, 7, 44, 11247, 46], MARKER, eos) == [5, 44, 11247, 46]  # first marker
+    assert finish_completion([5, 6, 2, 44, 11247, 46], MARKER, eos) == [5, 6, *MARKER]  # EOS ends it, marker appended
+    assert finish_completion([5, 6, 44, 11247], MARKER, eos) == [5, 6, 44, 11247, *MARKER]  # partial marker
+    assert finish_completion([2, 2, 2], MARKER, eos) == MARKER
+    assert finish_completion([44, 11247, 46, 2], MARKER, eos) == MARKER
+
+
+def test_marker_stop_criterion_checks_generated_suffix_only():
+    ids = torch.tensor([[9, 9, 1, 44, 11247, 46], [9, 9, 44, 11247, 46, 1]])
+    assert MarkerStop(MARKER, prompt_len=2)(ids, None).tolist() == [True, False]
+    assert MarkerStop(MARKER, prompt_len=3)(ids, None).tolist() == [True, False]
+    assert MarkerStop(MARKER, prompt_len=4)(ids, None).tolist() == [False, False]  # marker partly in the prompt
+
+
+def test_sampled_generate_shapes_grouping_and_marker(policy):
+    ids, mask = prompts(policy)
+    torch.manual_seed(0)
+    comp, cmask = policy.generate(ids, mask, num_samples=3, max_new_tokens=8)
+    assert comp.shape[0] == 6 and cmask.shape == comp.shape and comp.shape[1] <= 8 + len(MARKER)
+    for row, m in zip(comp, cmask):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()  # right-padded
+        assert (row[n:] == policy.tokenizer.pad_token_id).all()
+        toks = row[:n].tolist()
+        assert toks[-3:] == MARKER and finish_completion(toks, MARKER, set()) == toks  # ends at its first marker
+    # Seeded sampling is reproducible; the three samples of a prompt differ (temperature 1.5 over 49k tokens).
+    torch.manual_seed(0)
+    again = policy.generate(ids, mask, num_samples=3, max_new_tokens=8)
+    assert torch.equal(again[0], comp) and torch.equal(again[1], cmask)
+    assert len({tuple(r) for r in real_rows(comp[:3], cmask[:3])}) == 3
+
+
+def test_greedy_is_deterministic_and_grouped_by_prompt(policy):
+    ids, mask = prompts(policy)
+    comp, cmask = policy.generate(ids, mask, num_samples=2, do_sample=False, max_new_tokens=8)
+    rows = real_rows(comp, cmask)
+    assert rows[0] == rows[1] and rows[2] == rows[3] and rows[0] != rows[2]
+    # Row b*G+g belongs to prompt b: each prompt alone (no padding) gives the same greedy completion.
+    for b, text in enumerate(TEXTS):
+        one_ids, one_mask = prompts(policy, [text])
+        alone = real_rows(*policy.generate(one_ids, one_mask, do_sample=False, max_new_tokens=8))[0]
+        assert alone == rows[2 * b]
+
+
+def test_generation_stops_at_first_marker(policy):
+    """Use tokens the model greedily writes anyway as the marker: generation must stop right after them."""
+    ids, mask = prompts(policy, TEXTS[:1])
+    free = policy.generate(ids, mask, do_sample=False, max_new_tokens=24)[0][0, :24].tolist()
+    assert MARKER not in [free[i : i + 3] for i in range(22)]
+    tok = policy.tokenizer
+    for i in range(2, 20):
+        cand = free[i : i + 2]
+        text = tok.decode(cand)
+        if tok(text, add_special_tokens=False)["input_ids"] == cand and cand not in [free[j : j + 2] for j in range(i)]:
+            break
+    else:
+        pytest.fail("no greedy token pair usable as a marker")
+    stopping = Policy("tiny-random-qwen2", answer_marker=text)
+    assert stopping.marker_ids == cand
+    comp, cmask = stopping.generate(ids, mask, do_sample=False, max_new_tokens=24)
+    assert real_rows(comp, cmask)[0] == free[: i + 2]
+
+
+def test_generate_restores_training_mode(policy):
+    ids, mask = prompts(policy, TEXTS[:1])
+    policy.train()
+    try:
+        policy.generate(ids, mask, max_new_tokens=2)
+        assert policy.training and policy.model.training
+    finally:
+        policy.eval()
+    policy.generate(ids, mask, max_new_tokens=2)
+    assert not policy.training
+
+
+# ---- join / log-probs / embeddings --------------------------------------------------------------------------------
+
+
+def test_join_repacks_left_padded(policy):
+    pad = policy.tokenizer.pad_token_id
+    p_ids = torch.tensor([[pad, pad, 10, 11], [20, 21, 22, 23]])
+    p_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    c_ids = torch.tensor([[30, 31, 32], [40, pad, pad]])
+    c_mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    ids, mask, comp = policy.join(p_ids, p_mask, c_ids, c_mask)
+    assert ids.tolist() == [[pad, pad, 10, 11, 30, 31, 32], [pad, pad, 20, 21, 22, 23, 40]]
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]]
+    assert comp.tolist() == [[False] * 4 + [True] * 3, [False] * 6 + [True]]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
+def test_logprobs_match_full_log_softmax_and_embedding_is_final_norm_state(arch):
+    policy = Policy(f"tiny-random-{arch}", attn_implementation="eager", logprob_chunk_size=5)
+    randomize_lora(policy)
+    ids, mask, comp = sequences(policy)
+    logps, emb = policy.forward_sequences(ids, mask, comp)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    naive = out.logits.float().log_softmax(-1)[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2)
+    assert logps.dtype == torch.float32 and logps.shape == ids.shape
+    assert torch.allclose(logps[:, 1:], naive * comp[:, 1:], atol=1e-5)
+    assert (logps[~comp] == 0).all() and (logps[comp] < 0).all()
+    assert emb.shape == (2, policy.hidden_size)
+    assert torch.allclose(emb, out.hidden_states[-1][:, -1], atol=1e-6)
+    # ... and both are the output of the final norm at the last token.
+    normed = []
+    hook = policy.model.get_base_model().get_decoder().norm.register_forward_hook(lambda m, i, o: normed.append(o))
+    try:
+        assert torch.allclose(policy.encode(ids, mask), emb)
+    finally:
+        hook.remove()
+    assert torch.allclose(normed[0][:, -1], emb)
+
+
+def test_logprobs_and_embeddings_ignore_left_padding(policy):
+    ids, mask, comp = sequences(policy)
+    logps, emb = policy.forward_sequences(ids, mask, comp)
+    pad = torch.full((2, 5), policy.tokenizer.pad_token_id)
+    no = torch.zeros((2, 5), dtype=torch.long)
+    logps_p, emb_p = policy.forward_sequences(torch.cat([pad, ids], 1), torch.cat([no, mask], 1),
+                                              torch.cat([no.bool(), comp], 1))
+    assert torch.allclose(logps_p[:, 5:], logps, atol=1e-5) and (logps_p[:, :5] == 0).all()
+    assert torch.allclose(emb_p, emb, atol=1e-5)
+    with pytest.raises(DataError, match="left-padded"):
+        policy.forward_sequences(torch.cat([ids, pad], 1), torch.cat([mask, no], 1))
+
+
+def test_logprobs_match_generate_scores(policy):
+    """Greedy tokens scored by HF generate (temperature 1, KV cache, padded batch) = forward_sequences log-probs."""
+    ids, mask = prompts(policy)
+    out = policy.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                                output_logits=True, return_dict_in_generate=True,
+                                pad_token_id=policy.tokenizer.pad_token_id)
+    comp = out.sequences[:, ids.shape[1]:]
+    assert comp.shape[1] == 6 and (comp != policy.tokenizer.eos_token_id).all()
+    expected = torch.stack(out.logits, 1).float().log_softmax(-1).gather(2, comp[..., None]).squeeze(2)
+    j_ids, j_mask, j_comp = policy.join(ids, mask, comp, torch.ones_like(comp))
+    logps, _ = policy.forward_sequences(j_ids, j_mask, j_comp)
+    assert torch.allclose(logps[j_comp].view(2, -1), expected, atol=1e-4)
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+
+
+def test_only_lora_gets_gradients(policy):
+    ids, mask, comp = sequences(policy)
+    policy.train()
+    try:
+        logps, emb = policy.forward_sequences(ids, mask, comp)
+        (logps.sum() + emb.square().sum()).backward()
+        named = dict(policy.model.named_parameters())
+        lora = {n for n in named if "lora_" in n}
+        assert lora and set(policy.trainable_state_dict()) == lora
+        assert all(named[n].grad is not None for n in lora)
+        assert all(named[n].grad is None and not named[n].requires_grad for n in named.keys() - lora)
+        assert all(named[n].grad.abs().sum() > 0 for n in lora if "lora_B" in n)
+    finally:
+        policy.model.zero_grad(set_to_none=True)
+        policy.eval()
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        p = Policy("tiny-random-llama", lora_dropout=0.0, gradient_checkpointing=ckpt)
+        randomize_lora(p)
+        ids, mask, comp = sequences(p)
+        p.train()
+        logps, emb = p.forward_sequences(ids, mask, comp)
+        (logps.sum() + emb.sum()).backward()
+        assert p.model.get_base_model().is_gradient_checkpointing == ckpt
+        grads.append({n: q.grad for n, q in p.model.named_parameters() if q.requires_grad})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[0])
+
+
+def test_trainable_state_dict_roundtrip():
+    source = Policy("tiny-random-qwen2")
+    randomize_lora(source, seed=3)
+    ids, mask, comp = sequences(source)
+    expected = source.forward_sequences(ids, mask, comp)
+    sd = source.trainable_state_dict()
+    assert all("lora_" in n for n in sd) and len(sd) == 2 * 7 * 2  # A and B, 7 modules, 2 layers
+    target = Policy("tiny-random-qwen2")
+    target.load_trainable_state_dict(sd)
+    got = target.forward_sequences(ids, mask, comp)
+    assert torch.allclose(got[0], expected[0]) and torch.allclose(got[1], expected[1])
+    with pytest.raises(DataError, match="lora_r"):
+        Policy("tiny-random-qwen2", lora_r=8).load_trainable_state_dict(sd)
+    with pytest.raises(DataError, match="missing"):
+        target.load_trainable_state_dict({k: v for k, v in list(sd.items())[1:]})
+
+
+def test_save_adapter_opens_with_plain_peft(tmp_path):
+    policy = Policy("tiny-random-qwen2", lora_r=8)
+    randomize_lora(policy, seed=5)
+    policy.save_adapter(tmp_path / "adapter")
+    policy.save_adapter(tmp_path / "adapter")  # replacing an existing export works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    ids, mask, comp = sequences(policy)
+    base = AutoModelForCausalLM.from_pretrained(resolve_pretrained("tiny-random-qwen2"))
+    plain = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = plain(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        b = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    reloaded = Policy("tiny-random-qwen2", adapter_path=str(tmp_path / "adapter"))  # lora_r from the adapter
+    sd, sd2 = policy.trainable_state_dict(), reloaded.trainable_state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert {n for n, p in reloaded.model.named_parameters() if p.requires_grad} == sd.keys()  # trainable
+    with pytest.raises(DataError, match="adapter_path"):
+        Policy("tiny-random-qwen2", adapter_path=str(tmp_path))
+
+
+def test_eager_attention_hessian_vector_product():
+    """Grad of grad through encode and the log-probs (LoRA space, padded batch) matches central finite differences of
+    the gradient."""
+    policy = Policy("tiny-random-llama", attn_implementation="eager", lora_dropout=0.0)
+    randomize_lora(policy, seed=1)
+    ids, mask, comp = sequences(policy, max_new_tokens=3)
+    assert not mask.all()  # left padding is part of the check
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(0)
+    direction = [torch.randn(p.shape, generator=gen) for p in params]
+    c = torch.randn(policy.hidden_size, generator=gen)
+
+    def loss() -> torch.Tensor:
+        logps, emb = policy.forward_sequences(ids, mask, comp)
+        return (emb @ c).square().sum() + logps.sum()
+
+    grads = torch.autograd.grad(loss(), params, create_graph=True)
+    hvp = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, direction)), params)
+    eps, fd = 1e-4, []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, v in zip(params, direction):
+                p.add_(sign * eps * v)
+        fd.append(torch.autograd.grad(loss(), params))
+        with torch.no_grad():
+            for p, v in zip(params, direction):
+                p.sub_(sign * eps * v)
+    numeric = torch.cat([((a - b) / (2 * eps)).flatten() for a, b in zip(*fd)])
+    analytic = torch.cat([h.flatten() for h in hvp])
+    assert torch.isfinite(analytic).all() and analytic.norm() > 0
+    assert (analytic - numeric).norm() / numeric.norm() < 5e-3
+
+
+# ---- settings ------------------------------------------------------------------------------------------------------
+
+
+def test_bfloat16_and_bad_settings():
+    policy = Policy("tiny-random-llama", dtype="bfloat16")
+    assert policy.model.get_base_model().get_input_embeddings().weight.dtype == torch.bfloat16
+    ids, mask, comp = sequences(policy, max_new_tokens=3)
+    logps, emb = policy.forward_sequences(ids, mask, comp)
+    assert logps.dtype == emb.dtype == torch.float32 and torch.isfinite(logps).all()
+    with pytest.raises(DataError, match="model.dtype"):
+        Policy("tiny-random-llama", dtype="float8")
+    with pytest.raises(DataError, match="lora_target_modules"):
+        Policy("tiny-random-llama", lora_target_modules=("no_such_proj",))
+    with pytest.raises(DataError, match="attn_implementation"):
+        Policy("tiny-random-gemma2", attn_implementation="sdpa")

@@ -1,0 +1,396 @@
+"""MiniRec selection math (METHOD.md §5): hand-computed values, autograd / finite-difference checks, every strategy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minirec.io import DataError
+from minirec.selection import (
+    STRATEGIES,
+    RademacherProjection,
+    greedy_value_selection,
+    hidden_hvp_vectors,
+    k_center_selection,
+    learnability,
+    parameter_space_vector,
+    representativeness,
+    select,
+    value_scores,
+)
+
+# ---------------------------------------------------------------- learnability
+
+
+def test_learnability_pool_std() -> None:
+    # r = [0, .25, .5, 1]; mean = 1.75/4 = .4375; deviations -.4375 -.1875 .0625 .5625, squares sum .546875,
+    # population variance sigma^2 = .546875/4 = .13671875 -> 2 sigma^2 = .2734375 (= 35/128).
+    # (r - .5)^2 = .25 .0625 0 .25 -> exponents .25/.2734375 = 32/35 and .0625/.2734375 = 8/35.
+    # raw = [e^-32/35, e^-8/35, 1, e^-32/35]; min = e^-32/35, max = 1
+    # -> L = [0, (e^-8/35 - e^-32/35)/(1 - e^-32/35), 1, 0]
+    lo, mid = math.exp(-32 / 35), math.exp(-8 / 35)
+    expected = torch.tensor([0.0, (mid - lo) / (1 - lo), 1.0, 0.0])
+    got = learnability(torch.tensor([0.0, 0.25, 0.5, 1.0]))
+    torch.testing.assert_close(got, expected)
+    assert 0.6 < got[1] < 0.7  # (0.795659 - 0.400815) / 0.599185 = 0.65897
+
+
+def test_learnability_fixed_sigma() -> None:
+    # sigma = .2 -> 2 sigma^2 = .08; r = [.1, .5, .9, .3] -> (r - .5)^2 = .16 0 .16 .04 -> raw e^-2, 1, e^-2, e^-.5
+    # min-max -> [0, 1, 0, (e^-.5 - e^-2)/(1 - e^-2)] = [0, 1, 0, 0.54455]
+    expected = torch.tensor([0.0, 1.0, 0.0, (math.exp(-0.5) - math.exp(-2)) / (1 - math.exp(-2))])
+    torch.testing.assert_close(learnability(torch.tensor([0.1, 0.5, 0.9, 0.3]), sigma=0.2), expected)
+    # mu moves the peak: mu = .9 -> (r - .9)^2 = .64 .16 0 .36 -> exponents 8, 2, 0, 4.5
+    raw = torch.tensor([math.exp(-8), math.exp(-2), 1.0, math.exp(-4.5)])
+    torch.testing.assert_close(
+        learnability(torch.tensor([0.1, 0.5, 0.9, 0.3]), mu=0.9, sigma=0.2), (raw - raw.min()) / (1 - raw.min())
+    )
+
+
+def test_learnability_degenerate_and_errors() -> None:
+    # all rewards equal -> pool std 0 -> every sample alike -> all ones (published-code convention)
+    torch.testing.assert_close(learnability(torch.full((5,), 0.3)), torch.ones(5))
+    torch.testing.assert_close(learnability(torch.tensor([0.7])), torch.ones(1))
+    # symmetric around mu with a fixed sigma -> constant raw scores -> ones
+    torch.testing.assert_close(learnability(torch.tensor([0.25, 0.75]), sigma=0.1), torch.ones(2))
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(DataError, match="sigma"):
+            learnability(torch.tensor([0.1, 0.2]), sigma=bad)
+    with pytest.raises(DataError, match="NaN"):
+        learnability(torch.tensor([0.1, float("nan")]))
+    with pytest.raises(DataError, match="1-D"):
+        learnability(torch.tensor([]))
+
+
+# ---------------------------------------------------------------- hidden-space HVP
+
+
+def _reference_loss(h, items, target, history, tau, loss, batch_size):
+    """Independent float64 re-statement of ℓ(h) (sum over rows), written without the project's scoring helpers."""
+    hn, en = F.normalize(h, dim=1), F.normalize(items, dim=1)
+    total = h.new_zeros(())
+    for start in range(0, h.shape[0], batch_size):
+        rows = range(start, min(start + batch_size, h.shape[0]))
+        if loss == "full":
+            for r in rows:
+                s = en @ hn[r] / tau
+                keep = torch.ones_like(s, dtype=torch.bool)
+                keep[0] = False
+                keep[history[r]] = False
+                keep[target[r]] = True
+                s = s.masked_fill(~keep, float("-inf"))
+                total = total - torch.log_softmax(s, 0)[target[r]]
+        else:
+            cands = sorted(set(target[list(rows)].tolist()))
+            for r in rows:
+                s = en[cands] @ hn[r] / tau
+                total = total - torch.log_softmax(s, 0)[cands.index(int(target[r]))]
+    return total
+
+
+def _hvp_problem(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n, hdim, m = 7, 6, 12
+    h = torch.randn(n, hdim, generator=g, dtype=torch.float64)
+    items = torch.randn(m + 1, hdim, generator=g, dtype=torch.float64)
+    target = torch.tensor([3, 5, 3, 12, 1, 5, 7])  # duplicates: in_batch must use unique candidates
+    history = torch.tensor([[1, 2, 0], [4, 5, 6], [7, 0, 0], [2, 9, 11], [10, 0, 0], [1, 3, 8], [0, 0, 0]])
+    return h, items, target, history  # row 1 has its target 5 in its history: the target stays rankable
+
+
+@pytest.mark.parametrize("loss,batch_size,tau", [("full", 256, 0.5), ("full", 3, 0.02), ("in_batch", 4, 0.5)])
+def test_hidden_hvp_matches_autograd_hvp_and_finite_differences(loss: str, batch_size: int, tau: float) -> None:
+    h, items, target, history = _hvp_problem()
+
+    def f(x):
+        return _reference_loss(x, items, target, history, tau, loss, batch_size)
+
+    def grad(x):
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(f(x), x)[0]
+
+    u = hidden_hvp_vectors(h, items, target, history, tau=tau, loss=loss, batch_size=batch_size)
+    assert u.shape == h.shape and u.dtype == torch.float64
+    g = grad(h)
+    assert g.norm() > 1e-3  # a real signal, not an all-zero check
+    # torch.autograd.functional.hvp of the summed loss along v = g: rows are independent, so this is H_i g_i per row
+    _, hvp_ref = torch.autograd.functional.hvp(f, h, v=g)
+    # central differences of g along direction g, float64: (g(h + eps g) - g(h - eps g)) / (2 eps) ~= H g
+    eps = 1e-6 * h.norm() / g.norm()
+    fd = (grad(h + eps * g) - grad(h - eps * g)) / (2 * eps)
+    assert torch.allclose(hvp_ref, fd, rtol=1e-5, atol=1e-6 * fd.abs().max())
+    # the project scores in float32 (minirec.rewards), so compare at float32 accuracy, relative to the whole matrix
+    assert ((u - hvp_ref).norm(dim=1) / hvp_ref.norm(dim=1)).max() < 1e-4
+    assert ((u - fd).norm(dim=1) / fd.norm(dim=1)).max() < 1e-4
+
+
+def test_hidden_hvp_full_is_batch_independent_and_in_batch_is_not() -> None:
+    h, items, target, history = _hvp_problem(1)
+    full_1 = hidden_hvp_vectors(h, items, target, history, tau=0.3, batch_size=1)
+    full_all = hidden_hvp_vectors(h, items, target, history, tau=0.3, batch_size=256)
+    torch.testing.assert_close(full_1, full_all, rtol=1e-5, atol=1e-6)
+    in_2 = hidden_hvp_vectors(h, items, target, history, tau=0.3, loss="in_batch", batch_size=2)
+    in_all = hidden_hvp_vectors(h, items, target, history, tau=0.3, loss="in_batch", batch_size=256)
+    assert not torch.allclose(in_2, in_all)
+
+
+def test_hidden_hvp_inside_inference_mode() -> None:
+    h, items, target, history = _hvp_problem(2)
+    expected = hidden_hvp_vectors(h.float(), items.float(), target, history)
+    with torch.inference_mode():  # as in a Lightning predict_step: inputs are inference tensors
+        got = hidden_hvp_vectors(h.float().clone(), items.float().clone(), target.clone(), history.clone())
+    torch.testing.assert_close(got, expected)
+
+
+def test_hidden_hvp_errors() -> None:
+    h, items, target, history = _hvp_problem()
+    with pytest.raises(DataError, match="'full' or 'in_batch'"):
+        hidden_hvp_vectors(h, items, target, history, loss="softmax")
+    with pytest.raises(DataError, match="target ids"):
+        hidden_hvp_vectors(h, items, torch.tensor([0, 5, 3, 12, 1, 5, 7]), history)
+    with pytest.raises(DataError, match="target ids"):
+        hidden_hvp_vectors(h, items, torch.tensor([3, 5, 3, 13, 1, 5, 7]), history)
+    with pytest.raises(DataError, match=r"target \[7\]"):
+        hidden_hvp_vectors(h, items, target[:3], history)
+    with pytest.raises(DataError, match="width"):
+        hidden_hvp_vectors(h, items[:, :4], target, history)
+    with pytest.raises(DataError, match="batch_size"):
+        hidden_hvp_vectors(h, items, target, history, batch_size=0)
+
+
+# ---------------------------------------------------------------- LoRA-space helpers
+
+
+def test_parameter_space_vector_gradient_and_hvp() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    theta = torch.randn(12, generator=gen, dtype=torch.float64)  # w [3, 2] | b [2] | an unused block of 4
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        w, b = flat[:6].view(3, 2), flat[6:8]
+        return (torch.tanh(x @ w + b) ** 2).sum() + (w**3).sum()
+
+    flat = theta.clone().requires_grad_(True)
+    grad_ref = torch.autograd.grad(loss_of(flat), flat)[0]
+    _, hvp_ref = torch.autograd.functional.hvp(loss_of, theta, v=grad_ref)
+    assert grad_ref[:8].abs().min() > 0 and torch.equal(grad_ref[8:], torch.zeros(4))
+
+    def as_params() -> list[torch.Tensor]:  # the same numbers as separate leaf tensors, like LoRA A/B matrices
+        return [theta[:6].view(3, 2).clone().requires_grad_(True), theta[6:8].clone().requires_grad_(True),
+                theta[8:].clone().requires_grad_(True)]
+
+    params = as_params()
+    got_g = parameter_space_vector(loss_of(torch.cat([p.reshape(-1) for p in params])), params)
+    torch.testing.assert_close(got_g, grad_ref)
+    params = as_params()
+    got_u = parameter_space_vector(loss_of(torch.cat([p.reshape(-1) for p in params])), params, hvp=True)
+    torch.testing.assert_close(got_u, hvp_ref)  # H g, g = ∂loss/∂θ; zeros on the unused block
+    assert got_u[:8].abs().max() > 0 and torch.equal(got_u[8:], torch.zeros(4))
+    # a parameter the loss never touches is allowed and gives zeros
+    w = theta[:6].view(3, 2).clone().requires_grad_(True)
+    unused = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    got = parameter_space_vector((w**2).sum(), [w, unused], hvp=True)
+    torch.testing.assert_close(got, torch.cat([4 * w.detach().reshape(-1), torch.zeros(3, dtype=torch.float64)]))
+    # a loss linear in θ has H = 0
+    torch.testing.assert_close(parameter_space_vector((3 * w).sum(), [w], hvp=True), torch.zeros(6, dtype=torch.float64))
+
+
+def test_rademacher_projection_is_fixed_blockwise_and_norm_preserving() -> None:
+    proj = RademacherProjection(dim_in=300, dim_out=4096, seed=7)
+    p = proj.matrix()
+    assert p.shape == (300, 4096)
+    assert set(torch.unique(p).tolist()) == {-1 / 64, 1 / 64}  # ±1/sqrt(4096)
+    assert abs(float(p.sign().mean())) < 0.01  # balanced signs (1.2M entries: std of the mean ~ 0.001)
+    gram = p @ p.T  # rows nearly orthonormal: E[p_i·p_j] = δ_ij, std 1/sqrt(4096) = 0.016
+    assert torch.allclose(gram.diagonal(), torch.ones(300))
+    assert gram.fill_diagonal_(0).abs().max() < 0.1
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(1))
+    y = proj(x)
+    torch.testing.assert_close(y, x @ p)
+    # same seed -> same result whatever the block size; another seed -> another matrix
+    torch.testing.assert_close(RademacherProjection(300, 4096, seed=7, block_rows=13)(x), y)
+    assert not torch.equal(RademacherProjection(300, 4096, seed=8).matrix(0, 5), p[:5])
+    torch.testing.assert_close(proj.matrix(100, 120), p[100:120])
+    # Johnson-Lindenstrauss: norms and inner products survive (relative std sqrt(2/4096) = 2 %)
+    assert torch.allclose(y.norm(dim=1), x.norm(dim=1), rtol=0.1)
+    assert abs(float(y[0] @ y[1] - x[0] @ x[1])) < 0.1 * float(x[0].norm() * x[1].norm())
+    # a single vector [D] -> [d']
+    torch.testing.assert_close(proj(x[0]), y[0])
+    with pytest.raises(DataError, match="length 300"):
+        proj(torch.zeros(299))
+    with pytest.raises(DataError, match="dim_in"):
+        RademacherProjection(0)
+
+
+# ---------------------------------------------------------------- representativeness, value
+
+
+def test_representativeness_known_mean() -> None:
+    # u = [4,0], [0,4], [-1,-1], [1,1] -> mean [1, 1]; cos to it: 1/√2, 1/√2, -1, 1
+    # (cos + 1)/2 = .85355, .85355, 0, 1 -> min-max over [0, 1] leaves them unchanged
+    u = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-1.0, -1.0], [1.0, 1.0]])
+    a = (1 + 1 / math.sqrt(2)) / 2
+    torch.testing.assert_close(representativeness(u), torch.tensor([a, a, 0.0, 1.0]))
+    # u = [3,0], [0,3], [1,1], [0,0] -> mean [1,1]; cos 1/√2, 1/√2, 1, 0 (zero vector) -> (c+1)/2 .8536 .8536 1 .5
+    # min-max: (.8536 - .5)/.5 = 1/√2
+    u = torch.tensor([[3.0, 0.0], [0.0, 3.0], [1.0, 1.0], [0.0, 0.0]])
+    torch.testing.assert_close(representativeness(u), torch.tensor([1 / math.sqrt(2), 1 / math.sqrt(2), 1.0, 0.0]))
+    # a common scale of all u does not matter
+    torch.testing.assert_close(representativeness(7.5 * u), representativeness(u))
+    with pytest.raises(DataError, match="NaN"):
+        representativeness(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_value_scores() -> None:
+    # q = 2 * [0, .5, 1] + [1, .5, 0] = [1, 1.5, 2]
+    torch.testing.assert_close(
+        value_scores(torch.tensor([0.0, 0.5, 1.0]), torch.tensor([1.0, 0.5, 0.0]), alpha=2.0),
+        torch.tensor([1.0, 1.5, 2.0]),
+    )
+    with pytest.raises(DataError, match="alpha"):
+        value_scores(torch.zeros(3), torch.zeros(3), alpha=-1.0)
+    with pytest.raises(DataError, match="3 entries but the pool has 2"):
+        value_scores(torch.zeros(2), torch.zeros(3))
+
+
+# ---------------------------------------------------------------- greedy selection
+
+
+def _unit(degrees: list[float]) -> torch.Tensor:
+    rad = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack([rad.cos(), rad.sin()], dim=1).float()
+
+
+# points at 0°, 10°, 90°, 180°, 40° on the circle; dist = 1 - cos(angle between)
+ANGLES = [0.0, 10.0, 90.0, 180.0, 40.0]
+Q = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.8])
+
+
+def test_greedy_value_selection_hand_example() -> None:
+    # step 0: argmax q -> 0.
+    # min-dist to {0}: 1: 1-cos10 = .015192, 2: 1, 3: 2, 4: 1-cos40 = .233956; max 2 -> v = d/2
+    #   V = v*q: 1: .007596*.9 = .006837, 2: .5*.5 = .25, 3: 1*.2 = .2, 4: .116978*.8 = .093582 -> pick 2
+    #   (point 3 is twice as far but its q is low)
+    # min-dist to {0,2}: 1: min(.015192, 1-cos80 = .826352) = .015192, 3: min(2, 1) = 1, 4: min(.233956, .357212)
+    #   max 1 -> V: 1: .013673, 3: .2, 4: .187165 -> pick 3
+    # min-dist to {0,2,3}: 1: .015192, 4: .233956 (1-cos140 = 1.766 is larger); max .233956
+    #   V: 1: .015192/.233956*.9 = .058442, 4: 1*.8 -> pick 4, then 1
+    emb = _unit(ANGLES)
+    assert greedy_value_selection(Q, emb, 5).tolist() == [0, 2, 3, 4, 1]
+    assert greedy_value_selection(Q, emb, 2).tolist() == [0, 2]
+    # scaling an embedding row does not change cosine distances
+    scaled = emb * torch.tensor([[3.0], [1.0], [0.5], [2.0], [9.0]])
+    assert greedy_value_selection(Q, scaled, 5).tolist() == [0, 2, 3, 4, 1]
+
+
+def test_k_center_hand_example() -> None:
+    # first=0: farthest from 0° is 180° (d=2) -> 3; then min-dists 1: .015192, 2: min(1, 1) = 1, 4: min(.233956, 1.766)
+    #   -> 2; then 1: .015192, 4: .233956 -> 4; then 1.
+    emb = _unit(ANGLES)
+    assert k_center_selection(emb, 5, first=0).tolist() == [0, 3, 2, 4, 1]
+    # default start: mean of the unit vectors = (1.750852, 1.816436)/5 -> angle 46.05°, nearest point is 40° -> 4
+    # from 40°: d0 .233956, d1 1-cos30 = .133975, d2 1-cos50 = .357212, d3 1-cos140 = 1.766044 -> 3
+    # then min with 180°: d0 .233956, d1 .133975, d2 min(.357212, 1) -> 2; then d0 .233956 > d1 .133975 -> 0, 1
+    assert k_center_selection(emb, 5).tolist() == [4, 3, 2, 0, 1]
+    with pytest.raises(DataError, match="start index"):
+        k_center_selection(emb, 2, first=5)
+
+
+def test_greedy_degenerate_identical_embeddings_and_ties() -> None:
+    # every remaining sample duplicates the first pick: max min-dist is 0 -> v = 1 and q alone decides;
+    # q ties (.5 at 1 and 3) go to the lowest index
+    emb = torch.ones(4, 3)
+    assert greedy_value_selection(torch.tensor([0.1, 0.5, 0.3, 0.5]), emb, 4).tolist() == [1, 3, 2, 0]
+    # two identical copies of each of two directions: after one of each is picked, the copies follow by q
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert greedy_value_selection(torch.tensor([0.2, 0.9, 0.1, 0.4]), emb, 4).tolist() == [1, 3, 0, 2]
+    # all-equal q and embeddings: pool order
+    assert greedy_value_selection(torch.ones(3), torch.ones(3, 2), 3).tolist() == [0, 1, 2]
+
+
+def test_greedy_prefix_determinism_and_float16() -> None:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(300, 8, generator=g)
+    q = torch.rand(300, generator=g)
+    k10 = greedy_value_selection(q, emb, 10)
+    assert greedy_value_selection(q, emb, 5).tolist() == k10[:5].tolist()
+    assert torch.equal(greedy_value_selection(q, emb, 10), k10)
+    assert len(set(k10.tolist())) == 10 and k10.dtype == torch.long
+    # brute-force recomputation of step 2 of the definition from scratch
+    e = F.normalize(emb, dim=1)
+    dist = (1 - e @ e[k10[:2]].T).min(dim=1).values
+    dist[k10[:2]] = 0
+    v = (dist / dist.max() * q)
+    v[k10[:2]] = -1
+    assert int(v.argmax()) == int(k10[2])
+    # well-separated data: 40 random directions in 64-D (pairwise cosine distances ~1 ± .15) -> same picks in fp16
+    emb = torch.randn(40, 64, generator=g)
+    q = torch.rand(40, generator=g)
+    assert torch.equal(greedy_value_selection(q, emb, 12, dtype=torch.float16), greedy_value_selection(q, emb, 12))
+
+
+def test_greedy_errors() -> None:
+    emb = _unit(ANGLES)
+    with pytest.raises(DataError, match="k must be an integer in 1..5"):
+        greedy_value_selection(Q, emb, 6)
+    with pytest.raises(DataError, match="k must be"):
+        greedy_value_selection(Q, emb, 0)
+    with pytest.raises(DataError, match=">= 0"):
+        greedy_value_selection(-Q, emb, 2)
+    with pytest.raises(DataError, match="4 rows but the pool has 5"):
+        greedy_value_selection(Q, emb[:4], 2)
+    with pytest.raises(DataError, match="floating"):
+        greedy_value_selection(Q, emb, 2, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------- strategies
+
+
+def test_every_strategy() -> None:
+    n = 5
+    r_bar = torch.tensor([0.1, 0.4, 0.0, 0.9, 0.5])
+    L = torch.tensor([0.5, 0.9, 0.5, 0.9, 0.1])
+    R = torch.tensor([0.3, 0.2, 1.0, 0.0, 0.3])
+    emb = _unit(ANGLES)
+    inputs = dict(mean_rewards=r_bar, L=L, R=R, emb=emb)
+    picks = {s: select(s, 3, **inputs).tolist() for s in STRATEGIES}
+    assert picks["full"] == [0, 1, 2, 3, 4]  # k ignored: the whole pool in pool order
+    assert select("full", None, mean_rewards=r_bar).tolist() == [0, 1, 2, 3, 4]
+    assert picks["learnability"] == [1, 3, 0]  # top-3 of L; ties .9 (1, 3) and .5 (0, 2) keep pool order
+    assert picks["representativeness"] == [2, 0, 4]  # 1.0, then the tie .3 (0 before 4)
+    assert picks["diversity"] == k_center_selection(emb, 3).tolist() == [4, 3, 2]
+    # q = L + R = [.8, 1.1, 1.5, .9, .4]; start 2 (90°); then V with dists to 90°: 0: 1*.8, 1: .826352*1.1 = .908987,
+    # 3: 1*.9, 4: .357212*.4 -> max is 1: v = dist -> pick 1 (.909 > .9 > .8)
+    assert picks["minirec"] == picks["minirec_no_curriculum"] == [2, 1, 3]
+    assert select("minirec", 3, alpha=0.0, **inputs).tolist() == greedy_value_selection(R, emb, 3).tolist()
+    random_3 = picks["random"]
+    assert len(set(random_3)) == 3 and all(0 <= i < n for i in random_3)
+    assert select("random", 3, seed=0, **inputs).tolist() == random_3
+    assert select("random", 5, seed=0, **inputs).tolist()[:3] == random_3  # seeded permutation prefix
+    big = torch.zeros(100)
+    assert select("random", 10, mean_rewards=big, seed=1).tolist() != select("random", 10, mean_rewards=big).tolist()
+
+
+def test_select_errors() -> None:
+    r_bar = torch.zeros(5)
+    emb = _unit(ANGLES)
+    with pytest.raises(DataError, match="unknown selection strategy 'best'"):
+        select("best", 2, mean_rewards=r_bar)
+    for k in (6, 0, -1, None, 2.5):
+        with pytest.raises(DataError, match="k must be"):
+            select("random", k, mean_rewards=r_bar)
+    with pytest.raises(DataError, match="needs L"):
+        select("learnability", 2, mean_rewards=r_bar)
+    with pytest.raises(DataError, match="needs R"):
+        select("representativeness", 2, mean_rewards=r_bar, L=r_bar)
+    with pytest.raises(DataError, match="needs emb"):
+        select("diversity", 2, mean_rewards=r_bar)
+    with pytest.raises(DataError, match="needs R, emb"):
+        select("minirec", 2, mean_rewards=r_bar, L=r_bar)
+    with pytest.raises(DataError, match="4 entries but the pool has 5"):
+        select("learnability", 2, mean_rewards=r_bar, L=torch.zeros(4))
+    with pytest.raises(DataError, match="3 rows but the pool has 5"):
+        select("minirec_no_curriculum", 2, mean_rewards=r_bar, L=r_bar, R=r_bar, emb=emb[:3])
