@@ -1,5 +1,7 @@
-"""Lightning callbacks: adapter export (more come with curriculum and scoring)."""
+"""Lightning callbacks: adapter export, curriculum stages, score writing and selection."""
 
 from callbacks.adapter_export import AdapterExport
+from callbacks.curriculum import CurriculumCallback
+from callbacks.score_writer import ScoreWriter
 
-__all__ = ["AdapterExport"]
+__all__ = ["AdapterExport", "CurriculumCallback", "ScoreWriter"]

@@ -12,11 +12,12 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from minirec.curriculum import CURRICULUM_MODES, PACINGS, active_ids
-from minirec.io import DataError, read_json
+from minirec.io import DataError, allow_in_checkpoints, read_json
 from minirec.processing import ProcessingConfig, build_dataset
 from minirec.prompts import PromptBuilder, PromptConfig
 
 SPLITS = ("train", "valid", "test")
+allow_in_checkpoints(ProcessingConfig, PromptConfig)
 
 
 class PromptDataset(Dataset):
@@ -152,6 +153,7 @@ class RecDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.data = None
         self.stage: int | None = None
+        self.predict_done: set[int] = set()
 
     # -- building -------------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -171,24 +173,20 @@ class RecDataModule(L.LightningDataModule):
         self.collate = Collator(self.tokenizer.pad_token_id)
         self.items = ItemDataset(self.data["items"], self.builder)
         self.rows = {s: self.data[s] for s in SPLITS}
-        self.split_order = {s: self._capped(s) for s in SPLITS}
+        caps = {"train": "max_train_samples", "valid": "max_val_samples", "test": "max_test_samples"}
+        self.split_order = {
+            s: self._capped(list(range(len(self.data[s]))), self.hparams[caps[s]], caps[s]) for s in SPLITS
+        }
         self.train_ids, self.train_stages, self.curriculum = self._subset(self.split_order["train"])
 
-    def _capped(self, split: str) -> list[int]:
-        """Row indices of a split, after its seeded sample cap (kept in the split's own order)."""
-        n = len(self.data[split])
-        cap = {
-            "train": self.hparams.max_train_samples,
-            "valid": self.hparams.max_val_samples,
-            "test": self.hparams.max_test_samples,
-        }[split]
-        if split == self.hparams.predict_split and self.hparams.max_predict_samples is not None:
-            cap = min(cap or n, self.hparams.max_predict_samples)
+    def _capped(self, rows: list[int], cap: int | None, setting: str) -> list[int]:
+        """A seeded sample of `cap` of the given row indices, kept in their order (all of them when cap is None)."""
         if cap is not None and cap < 1:
-            raise DataError(f"data.max_*_samples for '{split}' must be ≥ 1, got {cap}")
-        if cap is None or cap >= n:
-            return list(range(n))
-        return sorted(random.Random(self.hparams.seed).sample(range(n), cap))
+            raise DataError(f"data.{setting} must be ≥ 1, got {cap}")
+        if cap is None or cap >= len(rows):
+            return list(rows)
+        keep = set(random.Random(self.hparams.seed).sample(range(len(rows)), cap))
+        return [r for i, r in enumerate(rows) if i in keep]
 
     def _subset(self, pool_rows: list[int]) -> tuple[list[int], list[int], str]:
         """(training row indices in order, stage per row, curriculum mode) for the configured subset."""
@@ -272,10 +270,27 @@ class RecDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.split_order["test"], self.hparams.eval_batch_size, False, shard=True)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_pool_ids(self) -> list[int]:
+        """Sample ids of the predict pool (the scoring pool), in order."""
+        rows = self._predict_rows()
+        return [int(i) for i in self.rows[self.hparams.predict_split].select(rows)["sample_id"]] if rows else []
+
+    def exclude_predict_ids(self, done: set[int]) -> None:
+        """Skip these sample ids in the next predict loader (a resumed scoring run does only what is left)."""
+        self.predict_done = set(done)
+
+    def _predict_rows(self) -> list[int]:
+        """The scoring pool: the split's rows (the training subset when predicting on train), then the predict cap."""
         split = self.hparams.predict_split
-        order = self.train_ids if split == "train" and self.hparams.subset != "all" else self.split_order[split]
-        return self._loader(split, order, self.hparams.eval_batch_size, False, shard=True)
+        rows = self.train_ids if split == "train" else self.split_order[split]
+        return self._capped(rows, self.hparams.max_predict_samples, "max_predict_samples")
+
+    def predict_dataloader(self) -> DataLoader:
+        split, rows = self.hparams.predict_split, self._predict_rows()
+        if self.predict_done:
+            ids = self.rows[split].select(rows)["sample_id"] if rows else []
+            rows = [r for r, i in zip(rows, ids) if i not in self.predict_done]
+        return self._loader(split, rows, self.hparams.eval_batch_size, False, shard=True)
 
     def item_dataloader(self) -> DataLoader:
         """The whole catalogue, item ids 1..N in order (every rank encodes all of it)."""

@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from minirec.io import DataError
+from minirec.io import DataError, allow_in_checkpoints
 from minirec.losses import (
     dedupe_targets,
     group_advantages,
@@ -86,6 +86,9 @@ class OptimConfig:
             raise DataError("model.optim.micro_batch_size and model.optim.ppo_epochs must be ≥ 1")
 
 
+allow_in_checkpoints(PolicyConfig, SamplingConfig, RewardConfig, OptimConfig)
+
+
 class GRPOModule(L.LightningModule):
     """RecPO policy training and evaluation; see the module docstring for the feature list."""
 
@@ -143,6 +146,9 @@ class GRPOModule(L.LightningModule):
         """Embeddings [U, H] of the given item ids, with gradient."""
         prompt_ids, prompt_mask = self.trainer.datamodule.item_prompt_batch(item_ids.tolist())
         return self.policy.encode(prompt_ids.to(self.device), prompt_mask.to(self.device))
+
+    def on_fit_start(self) -> None:
+        self.policy.train()  # the policy loads in eval mode; LoRA dropout is on while fitting
 
     def on_train_start(self) -> None:
         self.catalog = self.encode_catalog()

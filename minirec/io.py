@@ -85,3 +85,10 @@ def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike)
     else:
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp_dir, final_dir)
+
+
+def allow_in_checkpoints(*classes: type) -> None:
+    """Let Lightning's `weights_only` checkpoint loading rebuild these config dataclasses from saved hyper-parameters."""
+    import torch
+
+    torch.serialization.add_safe_globals(list(classes))

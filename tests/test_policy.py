@@ -24,8 +24,9 @@ def policy() -> Policy:
 
 def prompts(policy: Policy, texts: list[str] = TEXTS) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded chat prompts `[B, P]` and their mask."""
-    enc = policy.tokenizer.apply_chat_template([[{"role": "user", "content": t}] for t in texts], add_generation_prompt=True,
-                                               padding=True, return_tensors="pt", return_dict=True)
+    chats = [[{"role": "user", "content": t}] for t in texts]
+    enc = policy.tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
+                                               return_dict=True)
     return enc["input_ids"], enc["attention_mask"]
 
 

@@ -33,4 +33,4 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps([i for p in preds for i in p]))
     if trainer.global_rank == 0:
-        torch.save([dm.data["train"][r]["sample_id"] for r in dm.split_order["train"]], out / "expected.pt")
+        torch.save(dm.predict_pool_ids(), out / "expected.pt")

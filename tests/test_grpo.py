@@ -1,0 +1,82 @@
+"""GRPOModule: RecPO learns planted preferences, checkpoints hold only LoRA weights and resume exactly, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules import RecDataModule
+from lightning_modules import GRPOModule
+from lightning_modules.grpo import OptimConfig
+from minirec.io import DataError
+from minirec.policy import PolicyConfig
+from minirec.processing import ProcessingConfig
+from minirec.recpo import SamplingConfig
+
+SYNTH = ProcessingConfig(dataset="synthetic", synthetic_users=160, synthetic_items=32)
+
+
+def make_dm(tmp_path: Path, **kw) -> RecDataModule:
+    args = dict(processing=SYNTH, cache_dir=str(tmp_path / "cache"), max_val_samples=48, train_batch_size=8,
+                eval_batch_size=16, item_batch_size=32)
+    return RecDataModule(**{**args, **kw})
+
+
+def make_module(**optim) -> GRPOModule:
+    return GRPOModule(
+        policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0),
+        sampling=SamplingConfig(group_size=2, max_new_tokens=4),
+        optim=OptimConfig(**{"lr": 3e-3, "micro_batch_size": 8, **optim}),
+        eval_max_new_tokens=4,
+    )
+
+
+def trainer(tmp_path: Path, **kw) -> L.Trainer:
+    args = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                default_root_dir=str(tmp_path), enable_model_summary=False)
+    return L.Trainer(**{**args, **kw})
+
+
+def test_recpo_learns_planted_preferences(tmp_path: Path) -> None:
+    """val NDCG@10 after a short RecPO run clearly beats its value before training (seeded)."""
+    L.seed_everything(0)
+    dm, module = make_dm(tmp_path), make_module()
+    t = trainer(tmp_path, max_steps=20, limit_val_batches=3, enable_checkpointing=False, limit_train_batches=20)
+    before = t.validate(module, datamodule=dm, verbose=False)[0]["val/ndcg@10"]
+    t.fit(module, datamodule=dm)
+    after = t.validate(module, datamodule=dm, verbose=False)[0]["val/ndcg@10"]
+    assert after > before + 0.15, (before, after)  # measured: 0.154 -> 0.48..0.58 over seeds 0-2
+
+
+def test_checkpoint_holds_only_lora_and_resumes_exactly(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    dm = make_dm(tmp_path, max_train_samples=40)
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
+    t = trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[ckpt_cb])
+    module = make_module()
+    t.fit(module, datamodule=dm)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    n_trainable = sum(1 for p in module.parameters() if p.requires_grad)
+    assert len(ckpt["state_dict"]) == n_trainable
+    assert len(ckpt["optimizer_states"][0]["state"]) == n_trainable
+
+    resumed = make_module()
+    t2 = trainer(tmp_path, max_steps=4, limit_val_batches=0)
+    t2.fit(resumed, datamodule=make_dm(tmp_path, max_train_samples=40), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert t2.global_step == 4
+    lora = {k: v for k, v in resumed.state_dict().items() if "lora_" in k}
+    assert any(not torch.equal(lora[k], ckpt["state_dict"][k]) for k in lora)  # it trained on from the checkpoint
+
+
+def test_bad_settings_fail_clearly() -> None:
+    with pytest.raises(DataError, match="group_size must be ≥ 1"):
+        SamplingConfig(group_size=0)
+    with pytest.raises(DataError, match="loss_impl must be one of"):
+        OptimConfig(loss_impl="paper")
+    with pytest.raises(DataError, match="model.pretrained=.no-such-preset.: not a preset"):
+        make_module().__class__(policy=PolicyConfig(pretrained="no-such-preset"))
