@@ -1,7 +1,8 @@
 """MiniRec command line.
 
+    minirec pipeline --config configs/quickstart.yaml            proxy → score → select → train → test, resumable
     minirec data --data configs/data/movielens-100k.yaml         build (or reuse) the processed dataset, print statistics
-    minirec fit|validate|test|predict --config <yaml> [...]      LightningCLI over any LightningModule / RecDataModule
+    minirec fit|validate|test|predict --config <yaml> [...]      LightningCLI (GRPOModule / ScoringModule, RecDataModule)
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import json
 import sys
 
 from jsonargparse import ActionConfigFile, ArgumentParser
-from lightning.pytorch.cli import LightningCLI
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import RecDataModule
 from minirec.processing import build_dataset, load_stats
@@ -33,6 +35,39 @@ def data_main(argv: list[str]) -> dict:
     return stats
 
 
+def pipeline_parser() -> ArgumentParser:
+    """Parser of `minirec pipeline`: the typed arguments of `pipeline.run_pipeline`, plus `--config`."""
+    from pipeline import run_pipeline
+
+    parser = ArgumentParser(prog="minirec pipeline", description=run_pipeline.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(run_pipeline)
+    return parser
+
+
+def trainer_parser() -> LightningArgumentParser:
+    """A parser with the trainer / model / data groups of `minirec fit` that validates a config without instantiating
+    anything (used to check shipped YAML files)."""
+    parser = LightningArgumentParser()
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--seed_everything", type=int | bool, default=True)
+    parser.add_lightning_class_args(L.Trainer, "trainer")
+    parser.add_lightning_class_args(L.LightningModule, "model", subclass_mode=True, required=False)
+    parser.add_lightning_class_args(L.LightningDataModule, "data", subclass_mode=True, required=False)
+    return parser
+
+
+def pipeline_main(argv: list[str]) -> dict:
+    """`minirec pipeline`: run or resume every stage under one run folder (see pipeline.run_pipeline)."""
+    parser = pipeline_parser()
+    cfg = parser.instantiate_classes(parser.parse_args(argv))
+    result = run_pipeline(**{k: v for k, v in vars(cfg).items() if k != "config"})
+    print(f"\nreport: {cfg.run_dir}/report.md")
+    for k, v in sorted(result["test"]["metrics"].items()):
+        print(f"  {k} {v:.4f}")
+    return result
+
+
 class MiniRecCLI(LightningCLI):
     """LightningCLI with the resolved config saved per run (Lightning's SaveConfigCallback)."""
 
@@ -41,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "data":
         data_main(argv[1:])
+        return
+    if argv and argv[0] == "pipeline":
+        pipeline_main(argv[1:])
         return
     MiniRecCLI(datamodule_class=RecDataModule, subclass_mode_data=True, subclass_mode_model=True, args=argv)
 

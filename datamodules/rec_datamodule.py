@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
-from minirec.curriculum import CURRICULUM_MODES, PACINGS, active_ids
+from minirec.curriculum import CURRICULUM_MODES, PACINGS, active_ids, current_stage
 from minirec.io import DataError, allow_in_checkpoints, read_json
 from minirec.processing import ProcessingConfig, build_dataset
 from minirec.prompts import PromptBuilder, PromptConfig
@@ -153,6 +153,7 @@ class RecDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.data = None
         self.stage: int | None = None
+        self.epochs_per_stage: int | None = None
         self.predict_done: set[int] = set()
 
     # -- building -------------------------------------------------------------------------------------------------
@@ -237,6 +238,11 @@ class RecDataModule(L.LightningDataModule):
             raise DataError(f"curriculum stage {stage} out of range 0..{self.num_stages - 1}")
         self.stage = stage
 
+    def set_schedule(self, epochs_per_stage: int | None) -> None:
+        """Derive the stage from the epoch whenever the train loader is built (stage s at epoch s·epochs_per_stage,
+        everything after the last stage); None = the stage is only changed through `set_stage`."""
+        self.epochs_per_stage = epochs_per_stage
+
     def active_train_rows(self) -> list[int]:
         """Training row indices served now, in subset order."""
         return active_ids(self.train_ids, self.train_stages, self.stage, self.curriculum, self.hparams.pacing)
@@ -261,6 +267,8 @@ class RecDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.epochs_per_stage and self.curriculum == "stages" and self.trainer is not None:
+            self.set_stage(current_stage(self.trainer.current_epoch, self.epochs_per_stage, self.num_stages))
         shuffle = self.curriculum != "folds"
         return self._loader("train", self.active_train_rows(), self.hparams.train_batch_size, shuffle, shard=False)
 
@@ -312,8 +320,3 @@ class RecDataModule(L.LightningDataModule):
         """Catalogue size N (item ids 1..N; 0 is padding)."""
         return len(self.data["items"])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stage = state.get("stage")

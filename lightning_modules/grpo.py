@@ -122,19 +122,21 @@ class GRPOModule(L.LightningModule):
 
     # -- catalogue ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_catalog(self) -> torch.Tensor:
-        """Encode all items, sharded over ranks and gathered: [N+1, H] (row 0 zeros)."""
+    def encode_catalog(self, shard: bool = True) -> torch.Tensor:
+        """Encode all items: [N+1, H] (row 0 zeros). `shard`: split the items over ranks and all_gather (every rank must
+        call); otherwise this rank encodes the whole catalogue alone (no collectives)."""
         dm = self.trainer.datamodule
-        n, world, rank = dm.num_items, self.trainer.world_size, self.trainer.global_rank
+        n, bs = dm.num_items, dm.hparams.item_batch_size
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if shard else (1, 0)
         per_rank = math.ceil(n / world)
         mine = list(range(1 + rank * per_rank, 1 + min(n, (rank + 1) * per_rank)))
         chunks = []
-        for start in range(0, per_rank, dm.hparams.item_batch_size):
-            ids = mine[start : start + dm.hparams.item_batch_size] or [1]  # equal call counts on every rank
-            prompt_ids, prompt_mask = dm.item_prompt_batch(ids)
+        for start in range(0, per_rank, bs):
+            ids = mine[start : start + bs]
+            prompt_ids, prompt_mask = dm.item_prompt_batch(ids or [1])  # equal call counts on every rank
             emb = self.policy.encode(prompt_ids.to(self.device), prompt_mask.to(self.device)).float()
-            chunks.append(emb[: len(mine[start : start + dm.hparams.item_batch_size])])
-        local = torch.cat(chunks) if chunks else torch.zeros(0, self.policy.hidden_size, device=self.device)
+            chunks.append(emb[: len(ids)])
+        local = torch.cat(chunks)
         padded = torch.zeros(per_rank, local.shape[1], device=self.device)
         padded[: len(local)] = local
         gathered = self.all_gather(padded) if world > 1 else padded[None]
@@ -282,17 +284,17 @@ class GRPOModule(L.LightningModule):
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def user_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy reasoning then encoding: (user embeddings [B, H], completion lengths [B])."""
+    def user_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy reasoning then encoding: user embeddings [B, H] and the user sequences (ids, mask [B, S])."""
         comp, comp_mask = self.policy.generate(
             batch["prompt_ids"], batch["prompt_mask"], num_samples=1, do_sample=False,
             max_new_tokens=self.hparams.eval_max_new_tokens,
         )
         seq, mask, _ = self.policy.join(batch["prompt_ids"], batch["prompt_mask"], comp, comp_mask)
-        return self.policy.encode(seq, mask).float(), comp_mask.sum(1)
+        return self.policy.encode(seq, mask).float(), seq, mask
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
-        h, _ = self.user_embeddings(batch)
+        h, _, _ = self.user_embeddings(batch)
         _, ranks = score_rollouts(h, self.catalog, batch["target"], batch["history"], self.reward)
         metrics.update(ranks)
 

@@ -1,0 +1,160 @@
+"""ScoringModule: MiniRec's per-sample scores in `predict_step`, with the proxy policy (METHOD.md §5 steps 2-4).
+
+For each sample of the pool: N sampled rollouts (same sampling as training) and their rewards, the mean r̄
+(learnability); one greedy pass giving the user embedding (diversity); and the representativeness vector:
+`space: hidden` — u = H·g with g = ∂ℓ/∂h of the recommendation loss at the user embedding h (double backward; `full`
+catalogue softmax or `in_batch`); `space: lora` — the gradient of the sample's RL loss (token loss of its rollouts with
+their group advantages + recommendation loss) w.r.t. the LoRA weights, optionally H·g, randomly projected to
+`projection_dim`. Each rank scores its shard and encodes the catalogue by itself (no collectives, so a resumed run with
+uneven shards cannot hang). Pair with `callbacks.ScoreWriter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_modules.grpo import GRPOModule, OptimConfig
+from minirec.io import DataError
+from minirec.losses import group_advantages, policy_token_loss
+from minirec.policy import PolicyConfig
+from minirec.recpo import RewardConfig, SamplingConfig, score_rollouts
+from minirec.rewards import mask_history, score_items
+from minirec.selection import RademacherProjection, hidden_hvp_vectors, parameter_space_vector
+
+
+def proxy_policy_config(proxy: str, policy: PolicyConfig) -> PolicyConfig:
+    """The policy config that loads the proxy: an exported PEFT adapter folder, or a GRPOModule `.ckpt` (whose saved
+    policy config is used; its LoRA weights are loaded after construction)."""
+    path = Path(proxy)
+    if path.is_dir():
+        if not (path / "adapter_config.json").is_file():
+            raise DataError(f"model.proxy={proxy!r}: folder without adapter_config.json (not an exported PEFT adapter)")
+        return PolicyConfig(**{**asdict(policy), "adapter_path": str(path)})
+    if not path.is_file():
+        raise DataError(f"model.proxy={proxy!r}: no such checkpoint file or adapter folder")
+    saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("policy")
+    return saved if isinstance(saved, PolicyConfig) else policy
+
+
+class ScoringModule(GRPOModule):
+    """Scores every pool sample with the proxy policy; `predict_step` returns the fields `ScoreWriter` stores."""
+
+    def __init__(
+        self,
+        proxy: str | None = None,
+        policy: PolicyConfig = PolicyConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        reward: RewardConfig = RewardConfig(),
+        num_rollouts: int = 4,
+        space: str = "hidden",
+        rep_loss: str = "full",
+        projection_dim: int = 8192,
+        lora_hvp: bool = False,
+        projection_seed: int = 0,
+        eval_max_new_tokens: int = 256,
+    ) -> None:
+        """
+        Args:
+            proxy: the proxy policy: an exported adapter folder or a GRPOModule checkpoint (None = the base policy).
+            policy: policy settings (replaced by the checkpoint's own when `proxy` is a checkpoint).
+            sampling: rollout sampling (as in training); `group_size` is replaced by `num_rollouts`.
+            reward: score temperature and reward mix (as in training).
+            num_rollouts: N sampled rollouts per sample for r̄.
+            space: representativeness space: `hidden` (HVP at the user embedding) or `lora` (projected LoRA gradient).
+            rep_loss: `hidden` space loss: `full` (softmax over the catalogue) or `in_batch` (published code's parity).
+            projection_dim: `lora` space: projected width d'.
+            lora_hvp: `lora` space: use H·g instead of g (double backward; needs eager attention on CPU).
+            projection_seed: seed of the Rademacher projection.
+            eval_max_new_tokens: longest greedy reasoning of the diversity pass.
+        """
+        if space not in ("hidden", "lora"):
+            raise DataError(f"model.space must be 'hidden' or 'lora', got {space!r}")
+        if rep_loss not in ("full", "in_batch"):
+            raise DataError(f"model.rep_loss must be 'full' or 'in_batch', got {rep_loss!r}")
+        if num_rollouts < 1:
+            raise DataError(f"model.num_rollouts must be ≥ 1, got {num_rollouts}")
+        if proxy is not None:
+            policy = proxy_policy_config(proxy, policy)
+        sampling = SamplingConfig(**{**asdict(sampling), "group_size": num_rollouts})
+        super().__init__(policy, sampling, reward, OptimConfig(), eval_max_new_tokens)
+        if proxy is not None and Path(proxy).is_file():
+            state = torch.load(proxy, map_location="cpu", weights_only=False)["state_dict"]
+            self.policy.load_trainable_state_dict({k.removeprefix("policy.model."): v for k, v in state.items()})
+        self.projection: RademacherProjection | None = None
+
+    def scoring_config(self) -> dict[str, Any]:
+        """Settings that change the scores (stored in the score folder's fingerprint)."""
+        h = self.hparams
+        return {
+            "proxy": h.proxy, "pretrained": self.hparams.policy.pretrained, "sampling": asdict(self.sampling),
+            "reward": asdict(self.reward), "num_rollouts": h.num_rollouts, "space": h.space, "rep_loss": h.rep_loss,
+            "projection_dim": h.projection_dim, "lora_hvp": h.lora_hvp, "projection_seed": h.projection_seed,
+            "eval_max_new_tokens": h.eval_max_new_tokens,
+        }
+
+    def on_predict_start(self) -> None:
+        self.catalog = self.encode_catalog(shard=False)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Returns sample_id [B], rewards [B, N], mean_reward [B], user_emb [B, H], rep_vec [B, D]."""
+        n = self.sampling.group_size
+        comp, comp_mask = self.policy.generate(
+            batch["prompt_ids"], batch["prompt_mask"], num_samples=n, do_sample=True,
+            temperature=self.sampling.temperature, top_k=self.sampling.top_k, top_p=self.sampling.top_p,
+            max_new_tokens=self.sampling.max_new_tokens,
+        )
+        rep = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731  [B, ...] -> [B x N, ...]
+        seq, mask, comp_pos = self.policy.join(rep(batch["prompt_ids"]), rep(batch["prompt_mask"]), comp, comp_mask)
+        h_roll = self.policy.encode(seq, mask).float()
+        rewards, _ = score_rollouts(h_roll, self.catalog, rep(batch["target"]), rep(batch["history"]), self.reward)
+        user_emb, user_seq, user_mask = self.user_embeddings(batch)
+        if self.hparams.space == "hidden":
+            rep_vec = hidden_hvp_vectors(
+                user_emb, self.catalog, batch["target"], batch["history"], self.reward.tau, loss=self.hparams.rep_loss
+            )
+        else:
+            rep_vec = self._lora_vectors(batch, (seq, mask, comp_pos), (user_seq, user_mask), rewards.view(-1, n))
+        return {
+            "sample_id": batch["sample_id"].cpu(),
+            "rewards": rewards.view(-1, n).cpu(),
+            "mean_reward": rewards.view(-1, n).mean(1).cpu(),
+            "user_emb": user_emb.cpu(),
+            "rep_vec": rep_vec.float().cpu(),
+        }
+
+    def _lora_vectors(self, batch, rollouts: tuple, users: tuple, rewards: torch.Tensor) -> torch.Tensor:
+        """Projected per-sample LoRA gradients (or H·g) of the sample's RL loss: [B, projection_dim].
+
+        rollouts: (ids, mask, completion positions) [B x N, S]; users: greedy user sequences (ids, mask) [B, S'];
+        rewards [B, N]. Loss of sample b = token loss of its N rollouts with their group advantages (ρ = 1) + cross
+        entropy of its greedy user embedding over the masked full catalogue.
+        """
+        n = self.sampling.group_size
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.projection is None:
+            dim_in = sum(p.numel() for p in params)
+            self.projection = RademacherProjection(
+                dim_in, self.hparams.projection_dim, self.hparams.projection_seed, device=self.device
+            )
+        # predict runs under inference mode; its tensors must be cloned outside it before they enter autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            seq, mask, comp_pos = (x.clone() for x in rollouts)
+            useq, umask = (x.clone() for x in users)
+            catalog, target, history = self.catalog.clone(), batch["target"].clone(), batch["history"].clone()
+            rewards = rewards.clone()
+            vectors = []
+            for b in range(useq.shape[0]):
+                rows = slice(b * n, (b + 1) * n)
+                lp, _ = self.policy.forward_sequences(seq[rows], mask[rows], comp_pos[rows])
+                adv = group_advantages(rewards[b], n, self.optim.advantage)
+                token_loss, _ = policy_token_loss(lp, lp.detach(), adv, comp_pos[rows])
+                h = self.policy.encode(useq[b : b + 1], umask[b : b + 1])
+                scores = mask_history(score_items(h, catalog, self.reward.tau), history[b : b + 1], target[b : b + 1])
+                rec_loss = torch.nn.functional.cross_entropy(scores, target[b : b + 1])
+                g = parameter_space_vector(token_loss + rec_loss, params, hvp=self.hparams.lora_hvp)
+                vectors.append(self.projection(g))
+        return torch.stack(vectors)

@@ -1,0 +1,283 @@
+"""The MiniRec pipeline: proxy fit → score → select → fit on the selection with the curriculum → test, in one run folder.
+
+Each stage writes `done.json` when complete; a re-run skips complete stages and resumes an interrupted one (a fit from
+its `last.ckpt`, scoring from the score writer's shards). `report.md` gathers metrics, wall times, the selection
+summary and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from callbacks import AdapterExport, CurriculumCallback, ScoreWriter
+from datamodules import RecDataModule
+from lightning_modules import GRPOModule, ScoringModule
+from lightning_modules.grpo import OptimConfig
+from minirec.io import DataError, atomic_write_json, atomic_write_text, read_json
+from minirec.policy import PolicyConfig
+from minirec.processing import ProcessingConfig
+from minirec.prompts import PromptConfig
+from minirec.recpo import RewardConfig, SamplingConfig
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Data loading shared by every stage.
+
+    Args:
+        cache_dir: processed-dataset cache folder.
+        max_train_samples: seeded cap on the training pool (None = all).
+        max_val_samples: seeded cap on validation samples.
+        max_test_samples: seeded cap on test samples.
+        train_batch_size: prompts per RecPO step.
+        eval_batch_size: prompts per validation / test / scoring batch.
+        item_batch_size: item prompts per catalogue-encoding batch.
+        seed: seed of caps, subsets and shuffling.
+    """
+
+    cache_dir: str = "data_cache"
+    max_train_samples: int | None = None
+    max_val_samples: int | None = None
+    max_test_samples: int | None = None
+    train_batch_size: int = 4
+    eval_batch_size: int = 8
+    item_batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FitStage:
+    """One RecPO fit (the proxy or the final training).
+
+    Args:
+        subset: training subset for the proxy (`random:<k>`); the train stage always uses the selection.
+        max_epochs: epochs (the train stage also unlocks one curriculum stage per `epochs_per_stage` epochs).
+        max_steps: optimizer-step cap (-1 = none).
+        val_every_n_steps: validate every n steps (None = by epochs, see val_every_n_epochs).
+        val_every_n_epochs: validate at the end of every n-th epoch (when val_every_n_steps is None).
+        optim: optimisation settings.
+    """
+
+    subset: str = "random:256"
+    max_epochs: int = 3
+    max_steps: int = -1
+    val_every_n_steps: int | None = None
+    val_every_n_epochs: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(frozen=True)
+class ScoreStage:
+    """Scoring and selection.
+
+    Args:
+        pool_size: seeded cap on the scored training pool (None = the whole training split).
+        num_rollouts: N sampled rollouts per sample.
+        space: representativeness space, `hidden` or `lora`.
+        rep_loss: `full` or `in_batch` (hidden space).
+        projection_dim: lora space projected width.
+        ks: subset sizes selected (prefixes of one greedy run); the first one is trained.
+        strategy: selection strategy (minirec, random, learnability, representativeness, diversity,
+            minirec_no_curriculum).
+        curriculum: `stages`, `folds` or `none`.
+        num_stages: curriculum stages.
+        epochs_per_stage: epochs before the next stage unlocks.
+    """
+
+    pool_size: int | None = None
+    num_rollouts: int = 4
+    space: str = "hidden"
+    rep_loss: str = "full"
+    projection_dim: int = 8192
+    ks: tuple[int, ...] = (256,)
+    strategy: str = "minirec"
+    curriculum: str = "stages"
+    num_stages: int = 4
+    epochs_per_stage: int = 1
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where the stages run.
+
+    Args:
+        accelerator: Lightning accelerator (`auto`, `cpu`, `gpu`).
+        devices: devices per stage.
+        strategy: Lightning strategy name (`auto`, `ddp`, `deepspeed_stage_2`, ...).
+        precision: Lightning precision (`32-true`, `bf16-mixed`, `bf16-true`).
+    """
+
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+
+
+def run_pipeline(
+    run_dir: str = "runs/pipeline",
+    processing: ProcessingConfig = ProcessingConfig(),
+    prompts: PromptConfig = PromptConfig(),
+    loader: LoaderConfig = LoaderConfig(),
+    policy: PolicyConfig = PolicyConfig(),
+    sampling: SamplingConfig = SamplingConfig(),
+    reward: RewardConfig = RewardConfig(),
+    proxy: FitStage = FitStage(),
+    score: ScoreStage = ScoreStage(),
+    train: FitStage = FitStage(subset="selection"),
+    eval_max_new_tokens: int = 256,
+    device: DeviceConfig = DeviceConfig(),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run (or resume) proxy → score → train → test under `run_dir`; returns the report's numbers.
+
+    Args:
+        run_dir: folder of this run; stages already complete there are skipped.
+        processing: dataset processing (METHOD.md §2).
+        prompts: prompt templates and lengths.
+        loader: data loading shared by the stages.
+        policy: model and LoRA settings (the proxy and the final policy start from the same base).
+        sampling: rollout sampling for training and scoring.
+        reward: reward settings.
+        proxy: the proxy fit on a small random subset.
+        score: scoring and selection.
+        train: the fit on the selection, with the curriculum.
+        eval_max_new_tokens: longest greedy reasoning in validation, test and the scoring's greedy pass.
+        device: accelerator, devices, strategy, precision.
+        seed: global seed.
+    """
+    run = Path(run_dir)
+    config = _jsonable(dict(processing=processing, prompts=prompts, loader=loader, policy=policy, sampling=sampling,
+                            reward=reward, proxy=proxy, score=score, train=train,
+                            eval_max_new_tokens=eval_max_new_tokens, device=device, seed=seed))
+    _check_run_config(run, config)
+    L.seed_everything(seed)
+
+    def datamodule(**kw: Any) -> RecDataModule:
+        return RecDataModule(processing=processing, prompts=prompts, tokenizer=policy.pretrained, **asdict(loader), **kw)
+
+    def grpo(stage: FitStage) -> GRPOModule:
+        return GRPOModule(policy, sampling, reward, stage.optim, eval_max_new_tokens)
+
+    times: dict[str, float] = {}
+    proxy_done = _stage(run / "proxy", times, "proxy", lambda d: _fit(d, grpo(proxy), datamodule(subset=proxy.subset),
+                                                                      proxy, device, []))
+    score_dir = run / "scores"
+
+    def do_score(d: Path) -> dict[str, Any]:
+        module = ScoringModule(proxy=proxy_done["adapter"], policy=policy, sampling=sampling, reward=reward,
+                               num_rollouts=score.num_rollouts, space=score.space, rep_loss=score.rep_loss,
+                               projection_dim=score.projection_dim, eval_max_new_tokens=eval_max_new_tokens)
+        writer = ScoreWriter(str(d), ks=score.ks, strategy=score.strategy, curriculum=score.curriculum,
+                             num_stages=score.num_stages, seed=seed)
+        trainer = _trainer(d, device, [writer], logger=False)
+        trainer.predict(module, datamodule=datamodule(max_predict_samples=score.pool_size), return_predictions=False)
+        return {"selection": str(d / "selection.json"), "summary": read_json(d / "summary.json")}
+
+    score_done = _stage(score_dir, times, "score", do_score)
+    train_done = _stage(run / "train", times, "train", lambda d: _fit(
+        d, grpo(train), datamodule(subset=score_done["selection"]), train, device,
+        [CurriculumCallback(score.epochs_per_stage)], reload_dataloaders_every_n_epochs=1))
+
+    def do_test(d: Path) -> dict[str, Any]:
+        trainer = _trainer(d, device, [], logger=CSVLogger(d, name="logs"))
+        metrics = trainer.test(grpo(train), datamodule=datamodule(), ckpt_path=train_done["best_checkpoint"])[0]
+        return {"metrics": {k: float(v) for k, v in metrics.items()}}
+
+    test_done = _stage(run / "test", times, "test", do_test)
+    result = {"proxy": proxy_done, "score": score_done, "train": train_done, "test": test_done, "seconds": times,
+              "loss_impl": train.optim.loss_impl}
+    atomic_write_text(run / "report.md", _report(result, score_dir))
+    return result
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _check_run_config(run: Path, config: dict[str, Any]) -> None:
+    """Save the resolved config; refuse to continue a run folder made with a different one."""
+    path = run / "pipeline_config.json"
+    if path.is_file():
+        old = read_json(path)
+        if old != json.loads(json.dumps(config)):
+            changed = sorted(k for k in config if old.get(k) != json.loads(json.dumps(config[k])))
+            raise DataError(f"{path}: this run folder was made with a different config (changed: {changed}); "
+                            "use a new run_dir or restore the old settings")
+    else:
+        atomic_write_json(path, config)
+
+
+def _stage(folder: Path, times: dict[str, float], name: str, body) -> dict[str, Any]:
+    """Run `body(folder)` unless `folder/done.json` exists; record its wall time in the marker."""
+    marker = folder / "done.json"
+    if marker.is_file():
+        done = read_json(marker)
+        print(f"[pipeline] {name}: already complete, skipped ({marker})")
+    else:
+        print(f"[pipeline] {name}: running in {folder}")
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        done = body(folder)
+        done["seconds"] = time.perf_counter() - start
+        atomic_write_json(marker, done)
+    times[name] = done["seconds"]
+    return done
+
+
+def _trainer(folder: Path, device: DeviceConfig, callbacks: list, **kw: Any) -> L.Trainer:
+    return L.Trainer(accelerator=device.accelerator, devices=device.devices, strategy=device.strategy,
+                     precision=device.precision, default_root_dir=str(folder), callbacks=callbacks,
+                     enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, **kw)
+
+
+def _fit(folder: Path, module: GRPOModule, dm: RecDataModule, stage: FitStage, device: DeviceConfig,
+         callbacks: list, **kw: Any) -> dict[str, Any]:
+    """Fit with best / last checkpoints and the best adapter exported; resumes from `last.ckpt` when present."""
+    ckpt = ModelCheckpoint(dirpath=folder / "checkpoints", monitor="val/ndcg@10", mode="max", save_last=True,
+                           filename="best")
+    export = AdapterExport(dirpath=str(folder / "adapter_best"))
+    val = {"val_check_interval": stage.val_every_n_steps, "check_val_every_n_epoch": None} \
+        if stage.val_every_n_steps else {"check_val_every_n_epoch": stage.val_every_n_epochs}
+    trainer = _trainer(folder, device, [ckpt, export, *callbacks], logger=CSVLogger(folder, name="logs"),
+                       max_epochs=stage.max_epochs, max_steps=stage.max_steps, **val, **kw)
+    last = folder / "checkpoints" / "last.ckpt"
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+    if not ckpt.best_model_path:
+        raise DataError(f"{folder}: no validation ran, so there is no best checkpoint; validate at least once per fit")
+    return {"best_checkpoint": ckpt.best_model_path, "best_val_ndcg@10": float(ckpt.best_model_score),
+            "adapter": str(folder / "adapter_best"), "global_step": trainer.global_step}
+
+
+def _report(result: dict[str, Any], score_dir: Path) -> str:
+    """report.md: metrics, per-stage wall time, the selection summary and the plots."""
+    metrics = result["test"]["metrics"]
+    summary = result["score"]["summary"]
+    lines = ["# MiniRec pipeline report", "",
+             f"Loss implementation: `{result['loss_impl']}`.", "", "## Test metrics (best-valid checkpoint)", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]
+    lines += ["", "## Validation NDCG@10 (best)", "", "| stage | val/ndcg@10 | steps |", "|---|---|---|",
+              f"| proxy | {result['proxy']['best_val_ndcg@10']:.4f} | {result['proxy']['global_step']} |",
+              f"| train on selection | {result['train']['best_val_ndcg@10']:.4f} | {result['train']['global_step']} |",
+              "", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in result["seconds"].items()]
+    lines += [f"| total | {sum(result['seconds'].values()):.1f} |", "", "## Selection", "", "```",
+              json.dumps(summary, indent=2, sort_keys=True, default=str), "```", ""]
+    for png in ("reward_hist.png", "l_vs_r.png", "selected_vs_pool.png", "curriculum.png"):
+        if (score_dir / png).is_file():
+            lines.append(f"![{png}](scores/{png})")
+    return "\n".join(lines) + "\n"
