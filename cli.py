@@ -59,6 +59,8 @@ def trainer_parser() -> LightningArgumentParser:
 
 def pipeline_main(argv: list[str]) -> dict:
     """`minirec pipeline`: run or resume every stage under one run folder (see pipeline.run_pipeline)."""
+    from pipeline import run_pipeline
+
     parser = pipeline_parser()
     cfg = parser.instantiate_classes(parser.parse_args(argv))
     result = run_pipeline(**{k: v for k, v in vars(cfg).items() if k != "config"})

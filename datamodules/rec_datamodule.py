@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minirec.curriculum import CURRICULUM_MODES, PACINGS, active_ids, current_stage
 from minirec.io import DataError, allow_in_checkpoints, read_json
@@ -55,6 +56,49 @@ class ItemDataset(Dataset):
                 it["title"], it["average_rating"], it["rating_number"], it["description"]
             )
         return {"item_id": i + 1, "prompt_ids": self.cache[i]}
+
+
+class EpochOrder(DistributedSampler):
+    """Order of one training epoch, rebuilt from (seed, epoch) alone: a seeded permutation (or the fixed order), from
+    global position `skip` on, then padded (by repeating its start) and sharded `rank::world`. Rebuilding the order
+    instead of restoring an RNG state makes a mid-epoch resume exact. Being a DistributedSampler that shards itself,
+    Lightning leaves it in place under DDP / DeepSpeed."""
+
+    def __init__(self, size: int, shuffle: bool, seed: int, epoch: Callable[[], int], world: int, rank: int) -> None:
+        super().__init__(range(size), num_replicas=world, rank=rank, shuffle=False)
+        self.size, self.shuffle_order, self.seed, self.epoch_of, self.skip = size, shuffle, seed, epoch, 0
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle_order:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch_of())
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        order, self.skip = order[self.skip :], 0
+        pad = -len(order) % self.num_replicas  # equal batch counts on every rank (collectives in training_step)
+        order += (order * (pad // max(len(order), 1) + 1))[:pad]
+        return iter(order[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.num_replicas)
+
+
+class ResumableLoader(DataLoader):
+    """Train loader whose position is saved in Lightning checkpoints (`state_dict` / `load_state_dict`): the epoch and
+    the number of batches the training loop has processed in it; on resume the same epoch order continues there."""
+
+    def __init__(self, dataset: Dataset, order: EpochOrder, position: Callable[[], tuple[int, int, int]], **kw) -> None:
+        super().__init__(dataset, sampler=order, **kw)
+        self.order, self.position = order, position
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches, world = self.position()
+        return {"epoch": epoch, "batches": batches, "world_size": world}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, _, world = self.position()
+        if state["epoch"] == epoch:  # samples consumed over all ranks, before the distributed sampler shards them
+            self.order.skip = state["batches"] * self.batch_size * state.get("world_size", world)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,35 +292,42 @@ class RecDataModule(L.LightningDataModule):
         return active_ids(self.train_ids, self.train_stages, self.stage, self.curriculum, self.hparams.pacing)
 
     # -- loaders --------------------------------------------------------------------------------------------------
-    def _loader(self, split: str, order: Sequence[int], batch_size: int, shuffle: bool, shard: bool) -> DataLoader:
+    def _eval_loader(self, split: str, order: Sequence[int]) -> DataLoader:
+        """Validation / test / predict rows in order, sharded by rank without padding (each sample exactly once)."""
         ds = PromptDataset(self.rows[split], order, self.builder, self.titles)
         sampler = None
-        if shard and self.trainer is not None and self.trainer.world_size > 1:
+        if self.trainer is not None and self.trainer.world_size > 1:
             sampler = UnrepeatedDistributedSampler(
                 ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            generator=generator if shuffle else None,
-            collate_fn=self.collate,
-            num_workers=self.hparams.num_workers,
-        )
+        return DataLoader(ds, batch_size=self.hparams.eval_batch_size, shuffle=False, sampler=sampler,
+                          collate_fn=self.collate, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
+        """Active training rows; shuffled per epoch from (seed, epoch) except for `folds` selections (fixed order)."""
         if self.epochs_per_stage and self.curriculum == "stages" and self.trainer is not None:
             self.set_stage(current_stage(self.trainer.current_epoch, self.epochs_per_stage, self.num_stages))
-        shuffle = self.curriculum != "folds"
-        return self._loader("train", self.active_train_rows(), self.hparams.train_batch_size, shuffle, shard=False)
+        rows = self.active_train_rows()
+        epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        order = EpochOrder(len(rows), self.curriculum != "folds", self.hparams.seed, epoch, world, rank)
+        return ResumableLoader(
+            PromptDataset(self.rows["train"], rows, self.builder, self.titles), order, self._train_position,
+            batch_size=self.hparams.train_batch_size, collate_fn=self.collate, num_workers=self.hparams.num_workers,
+        )
+
+    def _train_position(self) -> tuple[int, int, int]:
+        """(epoch, batches the training loop has processed in it, world size) of the attached trainer."""
+        if self.trainer is None:
+            return 0, 0, 1
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return self.trainer.current_epoch, progress.processed, self.trainer.world_size
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", self.split_order["valid"], self.hparams.eval_batch_size, False, shard=True)
+        return self._eval_loader("valid", self.split_order["valid"])
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.split_order["test"], self.hparams.eval_batch_size, False, shard=True)
+        return self._eval_loader("test", self.split_order["test"])
 
     def predict_pool_ids(self) -> list[int]:
         """Sample ids of the predict pool (the scoring pool), in order."""
@@ -298,7 +349,7 @@ class RecDataModule(L.LightningDataModule):
         if self.predict_done:
             ids = self.rows[split].select(rows)["sample_id"] if rows else []
             rows = [r for r, i in zip(rows, ids) if i not in self.predict_done]
-        return self._loader(split, rows, self.hparams.eval_batch_size, False, shard=True)
+        return self._eval_loader(split, rows)
 
     def item_dataloader(self) -> DataLoader:
         """The whole catalogue, item ids 1..N in order (every rank encodes all of it)."""

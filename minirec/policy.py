@@ -243,10 +243,13 @@ class Policy(torch.nn.Module):
 
     def _token_logprobs(self, hidden: Tensor, targets: Tensor) -> Tensor:
         """Hidden states `[N, H]` of the positions before the targets `[N]` -> log-probs `[N]`, in chunks; with
-        grad enabled each chunk is checkpointed so backward recomputes its logits instead of storing them."""
+        grad enabled each chunk is checkpointed so backward recomputes its logits instead of storing them (not under
+        DeepSpeed ZeRO-3, whose partitioned LM-head weight is gone by the time the recompute runs)."""
         out = []
+        head = self.model.get_base_model().get_output_embeddings().weight
+        recompute = torch.is_grad_enabled() and not hasattr(head, "ds_id")  # ds_id: a ZeRO-3 partitioned parameter
         for h, t in zip(hidden.split(self.logprob_chunk_size), targets.split(self.logprob_chunk_size)):
-            if torch.is_grad_enabled() and h.requires_grad:
+            if recompute and h.requires_grad:
                 out.append(checkpoint(self._chunk_logprobs, h, t, use_reentrant=False))
             else:
                 out.append(self._chunk_logprobs(h, t))

@@ -58,7 +58,10 @@ def _matrix(x: torch.Tensor, name: str, n: int | None = None) -> torch.Tensor:
         raise DataError(f"{name} has {x.shape[0]} rows but the pool has {n} samples")
     if not x.is_floating_point():
         x = x.float()
-    if not torch.isfinite(x).all():
+    # finite iff every row's squared norm is finite (a NaN or inf entry makes its row's sum non-finite); this avoids
+    # an [N, d] boolean temporary, which dominated peak memory for very large pools
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
+    if not torch.isfinite(norms).all():
         raise DataError(f"{name} contains NaN or infinite values")
     return x
 
@@ -244,7 +247,9 @@ def representativeness(u: torch.Tensor) -> torch.Tensor:
     """R = min-max((cos(u_i, ū) + 1) / 2) with ū the pool mean: u `[N, D]` -> `[N]` in [0, 1]."""
     u = _matrix(u, "representativeness vectors")
     u = u.to(torch.promote_types(u.dtype, torch.float32))
-    cos = F.cosine_similarity(u, u.mean(dim=0, keepdim=True), dim=1, eps=1e-12)
+    mean = u.mean(dim=0)
+    # (u @ ū) / (|u_i| |ū|): no [N, D] temporaries (F.cosine_similarity builds several)
+    cos = (u @ mean) / (torch.linalg.vector_norm(u, dim=1) * torch.linalg.vector_norm(mean)).clamp_min(1e-12)
     return min_max((cos + 1.0) / 2.0)
 
 
@@ -289,11 +294,15 @@ def _check_k(k: int, n: int) -> None:
         raise DataError(f"subset size k must be an integer in 1..{n} (the pool size), got {k!r}")
 
 
-def _unit_rows(emb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Normalise rows once in float32, then cast to `dtype` (all-zero rows stay zero: distance 1 to everything)."""
+def _unit_rows(emb: torch.Tensor, dtype: torch.dtype, chunk: int = 65536) -> torch.Tensor:
+    """Normalise rows in float32, chunk by chunk into a `dtype` tensor (peak memory ≈ the result plus one float32
+    chunk); all-zero rows stay zero: distance 1 to everything."""
     if not dtype.is_floating_point:
         raise DataError(f"selection dtype must be a floating type, got {dtype}")
-    return F.normalize(emb.float(), dim=1).to(dtype)
+    out = torch.empty(emb.shape, dtype=dtype, device=emb.device)
+    for start in range(0, emb.shape[0], chunk):
+        out[start : start + chunk] = F.normalize(emb[start : start + chunk].float(), dim=1).to(dtype)
+    return out
 
 
 def greedy_value_selection(

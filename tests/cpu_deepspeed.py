@@ -21,7 +21,7 @@ PRESETS = Path(__file__).resolve().parents[1] / "configs" / "strategy"
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-    """`DeepSpeedStrategy` on CPU processes: no CUDA check, gloo, int-indexed CPU devices (root device `cpu:<local_rank>`)."""
+    """`DeepSpeedStrategy` on CPU processes: no CUDA check, gloo, indexed CPU devices (root `cpu:<local_rank>`)."""
 
     def __init__(self, **kwargs: Any) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"  # read when DeepSpeed first picks its accelerator
@@ -31,7 +31,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
         if get_accelerator().device_name() != "cpu":
             raise RuntimeError("DeepSpeed chose a non-CPU accelerator; run with DS_ACCELERATOR=cpu in the environment")
-        # DeepSpeed's shared-memory all-reduce is a C++ op compiled on first use (about a minute); gloo does the same job
+        # DeepSpeed's shared-memory all-reduce is a C++ op compiled on first use (about a minute); gloo does the job
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     def setup_environment(self) -> None:

@@ -3,6 +3,7 @@ interrupted stage, refusal to mix configs in one run folder; and every shipped Y
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -90,3 +91,23 @@ def test_every_shipped_yaml_parses(path: str) -> None:
     cfg = trainer_parser().parse_args([flag, str(ROOT / path)])
     if flag == "--config" and "strategy" not in path:
         assert cfg.model.class_path == "lightning_modules.GRPOModule" and cfg.data.class_path.endswith("RecDataModule")
+
+
+def test_cli_pipeline_passes_typed_config(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`minirec pipeline --config <yaml> --x.y v` instantiates the typed configs and calls run_pipeline with them."""
+    import cli
+    import pipeline
+
+    seen = {}
+
+    @functools.wraps(pipeline.run_pipeline)  # keeps the signature the parser is built from
+    def fake_run(**kw):
+        seen.update(kw)
+        return {"test": {"metrics": {"test/ndcg@10": 0.25}}}
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    cli.main(["pipeline", "--config", str(ROOT / "configs/quickstart.yaml"), "--score.ks", "[8, 16]"])
+    assert isinstance(seen["policy"], PolicyConfig) and seen["policy"].pretrained == "smollm2-135m-instruct"
+    assert isinstance(seen["processing"], ProcessingConfig) and seen["processing"].k_core == 50
+    assert isinstance(seen["train"].optim, OptimConfig) and tuple(seen["score"].ks) == (8, 16)
+    assert "test/ndcg@10 0.2500" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Fit GRPOModule on 2 CPU processes with DDP or DeepSpeed ZeRO-2 (the shipped strategy presets); each rank writes a JSON.
+"""Fit GRPOModule on 2 CPU processes with DDP or DeepSpeed ZeRO-2 (the shipped strategy presets); ranks write JSON.
 
     python tests/scripts/fit_multi.py <ddp|zero2> <workdir> [--resume]
 
