@@ -16,11 +16,12 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from callbacks import AdapterExport, CurriculumCallback, ScoreWriter
 from datamodules import RecDataModule
 from lightning_modules import GRPOModule, ScoringModule
-from lightning_modules.grpo import OptimConfig
+from lightning_modules.grpo import OptimConfig, deepspeed_config
 from minirec.io import DataError, atomic_write_json, atomic_write_text, read_json
 from minirec.policy import PolicyConfig
 from minirec.processing import ProcessingConfig
@@ -84,6 +85,7 @@ class ScoreStage:
         space: representativeness space, `hidden` or `lora`.
         rep_loss: `full` or `in_batch` (hidden space).
         projection_dim: lora space projected width.
+        lora_hvp: lora space: H·g instead of g (double backward; needs `policy.attn_implementation: eager` on CPU).
         ks: subset sizes selected (prefixes of one greedy run); the first one is trained.
         strategy: selection strategy (minirec, random, learnability, representativeness, diversity,
             minirec_no_curriculum).
@@ -97,6 +99,7 @@ class ScoreStage:
     space: str = "hidden"
     rep_loss: str = "full"
     projection_dim: int = 8192
+    lora_hvp: bool = False
     ks: tuple[int, ...] = (256,)
     strategy: str = "minirec"
     curriculum: str = "stages"
@@ -174,7 +177,8 @@ def run_pipeline(
     def do_score(d: Path) -> dict[str, Any]:
         module = ScoringModule(proxy=proxy_done["adapter"], policy=policy, sampling=sampling, reward=reward,
                                num_rollouts=score.num_rollouts, space=score.space, rep_loss=score.rep_loss,
-                               projection_dim=score.projection_dim, eval_max_new_tokens=eval_max_new_tokens)
+                               projection_dim=score.projection_dim, lora_hvp=score.lora_hvp,
+                               eval_max_new_tokens=eval_max_new_tokens)
         writer = ScoreWriter(str(d), ks=score.ks, strategy=score.strategy, curriculum=score.curriculum,
                              num_stages=score.num_stages, seed=seed)
         trainer = _trainer(d, device, [writer], logger=False)
@@ -238,8 +242,16 @@ def _stage(folder: Path, times: dict[str, float], name: str, body) -> dict[str, 
     return done
 
 
-def _trainer(folder: Path, device: DeviceConfig, callbacks: list, **kw: Any) -> L.Trainer:
-    return L.Trainer(accelerator=device.accelerator, devices=device.devices, strategy=device.strategy,
+def _strategy(device: DeviceConfig, grad_clip: float) -> Any:
+    """Lightning strategy: `deepspeed_stage_2` / `deepspeed_stage_3` get RecPO's DeepSpeed config, others pass as is."""
+    if device.strategy.startswith("deepspeed_stage_"):
+        stage = int(device.strategy.rsplit("_", 1)[1])
+        return DeepSpeedStrategy(config=deepspeed_config(stage, grad_clip), exclude_frozen_parameters=True)
+    return device.strategy
+
+
+def _trainer(folder: Path, device: DeviceConfig, callbacks: list, grad_clip: float = 1.0, **kw: Any) -> L.Trainer:
+    return L.Trainer(accelerator=device.accelerator, devices=device.devices, strategy=_strategy(device, grad_clip),
                      precision=device.precision, default_root_dir=str(folder), callbacks=callbacks,
                      enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, **kw)
 
@@ -252,7 +264,8 @@ def _fit(folder: Path, module: GRPOModule, dm: RecDataModule, stage: FitStage, d
     export = AdapterExport(dirpath=str(folder / "adapter_best"))
     val = {"val_check_interval": stage.val_every_n_steps, "check_val_every_n_epoch": None} \
         if stage.val_every_n_steps else {"check_val_every_n_epoch": stage.val_every_n_epochs}
-    trainer = _trainer(folder, device, [ckpt, export, *callbacks], logger=CSVLogger(folder, name="logs"),
+    trainer = _trainer(folder, device, [ckpt, export, *callbacks], stage.optim.grad_clip,
+                       logger=CSVLogger(folder, name="logs"),
                        max_epochs=stage.max_epochs, max_steps=stage.max_steps, **val, **kw)
     last = folder / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)

@@ -89,6 +89,18 @@ class OptimConfig:
 allow_in_checkpoints(PolicyConfig, SamplingConfig, RewardConfig, OptimConfig)
 
 
+def deepspeed_config(stage: int, grad_clip: float = 1.0) -> dict[str, Any]:
+    """DeepSpeed config for RecPO (the same as configs/strategy/deepspeed-zero{2,3}.yaml): ZeRO `stage`; DeepSpeed's
+    own accumulation counter off, because `training_step` runs several backward passes per optimizer step and its
+    `optimizer.step()` is the boundary; clipping by DeepSpeed (Lightning skips `clip_gradients` under DeepSpeed)."""
+    return {
+        "zero_optimization": {"stage": stage},
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": grad_clip,
+        "train_micro_batch_size_per_gpu": 1,
+    }
+
+
 class GRPOModule(L.LightningModule):
     """RecPO policy training and evaluation; see the module docstring for the feature list."""
 

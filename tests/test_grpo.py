@@ -97,3 +97,25 @@ def test_bad_settings_fail_clearly() -> None:
         OptimConfig(loss_impl="paper")
     with pytest.raises(DataError, match="model.pretrained=.no-such-preset.: not a preset"):
         make_module().__class__(policy=PolicyConfig(pretrained="no-such-preset"))
+
+
+def test_non_finite_reward_stops_with_step_and_sample_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_modules.grpo as grpo
+
+    def nan_rewards(user_emb, catalog, target, history, cfg):
+        return torch.full((user_emb.shape[0],), float("nan")), torch.ones(user_emb.shape[0], dtype=torch.long)
+
+    monkeypatch.setattr(grpo, "score_rollouts", nan_rewards)
+    with pytest.raises(FloatingPointError, match=r"non-finite reward at global step 0; sample ids \[\d+"):
+        trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(make_module(), datamodule=make_dm(tmp_path))
+
+
+def test_shipped_deepspeed_presets_match_the_recpo_config() -> None:
+    """configs/strategy/deepspeed-zero{2,3}.yaml carry exactly the config the pipeline builds (one source of truth)."""
+    import yaml
+
+    from lightning_modules.grpo import deepspeed_config
+
+    for stage in (2, 3):
+        preset = yaml.safe_load((Path(__file__).parents[1] / f"configs/strategy/deepspeed-zero{stage}.yaml").read_text())
+        assert preset["trainer"]["strategy"]["init_args"]["config"] == deepspeed_config(stage)
