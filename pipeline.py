@@ -124,6 +124,33 @@ class DeviceConfig:
     precision: str = "32-true"
 
 
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Every setting of a pipeline run except its folder (the arguments of `run_pipeline`, documented there)."""
+
+    processing: ProcessingConfig = ProcessingConfig()
+    prompts: PromptConfig = PromptConfig()
+    loader: LoaderConfig = LoaderConfig()
+    policy: PolicyConfig = PolicyConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    reward: RewardConfig = RewardConfig()
+    proxy: FitStage = FitStage()
+    score: ScoreStage = ScoreStage()
+    train: FitStage = FitStage(subset="selection")
+    eval_max_new_tokens: int = 256
+    device: DeviceConfig = DeviceConfig()
+    seed: int = 0
+
+    def datamodule(self, **kw: Any) -> RecDataModule:
+        """The RecDataModule of these settings; `kw` sets the subset / predict cap."""
+        return RecDataModule(processing=self.processing, prompts=self.prompts, tokenizer=self.policy.pretrained,
+                             **asdict(self.loader), **kw)
+
+    def module(self, stage: FitStage) -> GRPOModule:
+        """A fresh GRPOModule for one fit stage."""
+        return GRPOModule(self.policy, self.sampling, self.reward, stage.optim, self.eval_max_new_tokens)
+
+
 def run_pipeline(
     run_dir: str = "runs/pipeline",
     processing: ProcessingConfig = ProcessingConfig(),
@@ -156,50 +183,56 @@ def run_pipeline(
         device: accelerator, devices, strategy, precision.
         seed: global seed.
     """
+    spec = PipelineSpec(processing, prompts, loader, policy, sampling, reward, proxy, score, train,
+                        eval_max_new_tokens, device, seed)
     run = Path(run_dir)
-    config = _jsonable(dict(processing=processing, prompts=prompts, loader=loader, policy=policy, sampling=sampling,
-                            reward=reward, proxy=proxy, score=score, train=train,
-                            eval_max_new_tokens=eval_max_new_tokens, device=device, seed=seed))
-    _check_run_config(run, config)
-    L.seed_everything(seed)
-
-    def datamodule(**kw: Any) -> RecDataModule:
-        return RecDataModule(processing=processing, prompts=prompts, tokenizer=policy.pretrained, **asdict(loader), **kw)
-
-    def grpo(stage: FitStage) -> GRPOModule:
-        return GRPOModule(policy, sampling, reward, stage.optim, eval_max_new_tokens)
-
+    check_run_config(run, spec)
     times: dict[str, float] = {}
-    proxy_done = _stage(run / "proxy", times, "proxy", lambda d: _fit(d, grpo(proxy), datamodule(subset=proxy.subset),
-                                                                      proxy, device, []))
+    proxy_done = run_stage(run / "proxy", times, "proxy", lambda d: fit_proxy(spec, d))
     score_dir = run / "scores"
-
-    def do_score(d: Path) -> dict[str, Any]:
-        module = ScoringModule(proxy=proxy_done["adapter"], policy=policy, sampling=sampling, reward=reward,
-                               num_rollouts=score.num_rollouts, space=score.space, rep_loss=score.rep_loss,
-                               projection_dim=score.projection_dim, lora_hvp=score.lora_hvp,
-                               eval_max_new_tokens=eval_max_new_tokens)
-        writer = ScoreWriter(str(d), ks=score.ks, strategy=score.strategy, curriculum=score.curriculum,
-                             num_stages=score.num_stages, seed=seed)
-        trainer = _trainer(d, device, [writer], logger=False)
-        trainer.predict(module, datamodule=datamodule(max_predict_samples=score.pool_size), return_predictions=False)
-        return {"selection": str(d / "selection.json"), "summary": read_json(d / "summary.json")}
-
-    score_done = _stage(score_dir, times, "score", do_score)
-    train_done = _stage(run / "train", times, "train", lambda d: _fit(
-        d, grpo(train), datamodule(subset=score_done["selection"]), train, device,
-        [CurriculumCallback(score.epochs_per_stage)], reload_dataloaders_every_n_epochs=1))
-
-    def do_test(d: Path) -> dict[str, Any]:
-        trainer = _trainer(d, device, [], logger=CSVLogger(d, name="logs"))
-        metrics = trainer.test(grpo(train), datamodule=datamodule(), ckpt_path=train_done["best_checkpoint"])[0]
-        return {"metrics": {k: float(v) for k, v in metrics.items()}}
-
-    test_done = _stage(run / "test", times, "test", do_test)
+    score_done = run_stage(score_dir, times, "score", lambda d: score_pool(spec, d, proxy_done["adapter"]))
+    train_done = run_stage(run / "train", times, "train", lambda d: fit_subset(spec, d, score_done["selection"]))
+    test_done = run_stage(run / "test", times, "test", lambda d: test_best(spec, d, train_done["best_checkpoint"]))
     result = {"proxy": proxy_done, "score": score_done, "train": train_done, "test": test_done, "seconds": times,
               "loss_impl": train.optim.loss_impl}
     atomic_write_text(run / "report.md", _report(result, score_dir))
     return result
+
+
+def fit_proxy(spec: PipelineSpec, folder: Path) -> dict[str, Any]:
+    """The proxy fit on `spec.proxy.subset`; -> fit summary (see `_fit`)."""
+    L.seed_everything(spec.seed)
+    return _fit(folder, spec.module(spec.proxy), spec.datamodule(subset=spec.proxy.subset), spec.proxy, spec.device,
+                [])
+
+
+def score_pool(spec: PipelineSpec, folder: Path, proxy_adapter: str) -> dict[str, Any]:
+    """Score the pool with the proxy and select `spec.score.strategy` for every k; -> selection path and summary."""
+    L.seed_everything(spec.seed)
+    score = spec.score
+    module = ScoringModule(proxy=proxy_adapter, policy=spec.policy, sampling=spec.sampling, reward=spec.reward,
+                           num_rollouts=score.num_rollouts, space=score.space, rep_loss=score.rep_loss,
+                           projection_dim=score.projection_dim, lora_hvp=score.lora_hvp,
+                           eval_max_new_tokens=spec.eval_max_new_tokens)
+    writer = ScoreWriter(str(folder), ks=score.ks, strategy=score.strategy, curriculum=score.curriculum,
+                         num_stages=score.num_stages, seed=spec.seed)
+    trainer = _trainer(folder, spec.device, [writer], logger=False)
+    trainer.predict(module, datamodule=spec.datamodule(max_predict_samples=score.pool_size), return_predictions=False)
+    return {"selection": str(folder / "selection.json"), "summary": read_json(folder / "summary.json")}
+
+
+def fit_subset(spec: PipelineSpec, folder: Path, selection: str) -> dict[str, Any]:
+    """The final fit on a selection file, one curriculum stage unlocked per `score.epochs_per_stage` epochs."""
+    L.seed_everything(spec.seed)
+    return _fit(folder, spec.module(spec.train), spec.datamodule(subset=selection), spec.train, spec.device,
+                [CurriculumCallback(spec.score.epochs_per_stage)], reload_dataloaders_every_n_epochs=1)
+
+
+def test_best(spec: PipelineSpec, folder: Path, checkpoint: str) -> dict[str, Any]:
+    """Test metrics of the checkpoint (the best-valid one of a fit)."""
+    trainer = _trainer(folder, spec.device, [], logger=CSVLogger(folder, name="logs"))
+    metrics = trainer.test(spec.module(spec.train), datamodule=spec.datamodule(), ckpt_path=checkpoint)[0]
+    return {"metrics": {k: float(v) for k, v in metrics.items()}}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -212,8 +245,9 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _check_run_config(run: Path, config: dict[str, Any]) -> None:
+def check_run_config(run: Path, spec: PipelineSpec) -> None:
     """Save the resolved config; refuse to continue a run folder made with a different one."""
+    config = _jsonable(spec)
     path = run / "pipeline_config.json"
     if path.is_file():
         old = read_json(path)
@@ -225,7 +259,7 @@ def _check_run_config(run: Path, config: dict[str, Any]) -> None:
         atomic_write_json(path, config)
 
 
-def _stage(folder: Path, times: dict[str, float], name: str, body) -> dict[str, Any]:
+def run_stage(folder: Path, times: dict[str, float], name: str, body) -> dict[str, Any]:
     """Run `body(folder)` unless `folder/done.json` exists; record its wall time in the marker."""
     marker = folder / "done.json"
     if marker.is_file():

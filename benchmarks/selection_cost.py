@@ -22,12 +22,9 @@ Writes selection_cost.csv, selection_cost.md, selection_time_vs_n.png and select
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import multiprocessing as mp
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -39,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from bench_common import machine, markdown_table, proc_bytes, save_figure, write_csv
 from minirec.io import atomic_write_text
 from minirec.selection import (
     greedy_value_selection,
@@ -123,15 +121,6 @@ def make_plan(quick: bool) -> Plan:
 # ----------------------------------------------------------------------------------------------- worker side
 
 
-def _status_bytes(field: str) -> int:
-    """VmRSS / VmHWM of this process in bytes, from /proc/self/status (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}: peak memory needs Linux")
-
-
 def _reset_peak_rss() -> None:
     """Reset this process's resident-set high-water mark (VmHWM) to the current resident set."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -186,23 +175,15 @@ def measure(case: Case, repeats: int, budget_s: float, threads: int = 0) -> dict
     peak = 0
     while len(times) < repeats and sum(times) < budget_s:
         _reset_peak_rss()
-        before = _status_bytes("VmRSS")
+        before = proc_bytes("/proc/self/status", "VmRSS")
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-        peak = max(peak, _status_bytes("VmHWM") - before)
+        peak = max(peak, proc_bytes("/proc/self/status", "VmHWM") - before)
     return {"times": times, "peak_bytes": peak, "input_bytes": input_bytes, "threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------------------------- driver side
-
-
-def _meminfo_bytes(field: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/meminfo has no {field}")
 
 
 def _fits(case: Case) -> str | None:
@@ -211,7 +192,7 @@ def _fits(case: Case) -> str | None:
         return None
     # input + ~7-8 bytes/element transient (isfinite check, float32 normalised copy, cast) measured by this benchmark
     need = case.n * case.dim * (torch.finfo(DTYPES[case.dtype]).bits // 8 + 10)
-    available = _meminfo_bytes("MemAvailable")
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
     if need > 0.8 * available:
         return f"needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
     return None
@@ -300,37 +281,6 @@ def _row(case: Case, result: dict[str, Any], bandwidth: float) -> dict[str, Any]
     return row
 
 
-def machine(threads: int) -> dict[str, str]:
-    """CPU model, cores, torch threads, RAM, torch / Python / OS versions of this machine."""
-    cpu = platform.processor() or "unknown"
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {
-        "CPU": cpu,
-        "logical cores": str(os.cpu_count()),
-        "torch threads": str(threads),
-        "RAM": f"{_meminfo_bytes('MemTotal') / 2**30:.1f} GiB",
-        "torch": torch.__version__,
-        "Python": platform.python_version(),
-        "OS": platform.platform(),
-    }
-
-
-def _fmt(x: Any) -> str:
-    if isinstance(x, float):
-        if math.isnan(x):
-            return ""
-        return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.0f}"
-    return str(x)
-
-
-def _table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
-    """Markdown table of `rows` with {key: header} columns."""
-    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r[key]) for key in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dict[str, Any]) -> None:
     """The run's header (command, date, machine, bandwidth, method) and one table per kind of measurement."""
     by_op = {op: [r for r in rows if r["op"] == op] for op in ("bandwidth", *SELECTION_OPS, "hvp")}
@@ -357,7 +307,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dic
         "",
         "## Greedy value selection / k-center",
         "",
-        _table(
+        markdown_table(
             selection,
             {
                 "op": "op", "n": "N", "dim": "d", "k": "k", "dtype": "dtype", "runs": "runs", "time_s": "time s",
@@ -369,7 +319,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dic
         "",
         f"## `hidden_hvp_vectors` (representativeness scoring; batch 256, history {HISTORY})",
         "",
-        _table(
+        markdown_table(
             by_op["hvp"],
             {
                 "n": "N", "dim": "H", "catalogue": "M", "loss": "loss", "runs": "runs", "time_s": "time s",
@@ -379,7 +329,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dic
         "",
         "## Score normalisation",
         "",
-        _table(
+        markdown_table(
             scores,
             {"op": "op", "n": "N", "dim": "d", "runs": "runs", "time_s": "time s", "peak_rss_mb": "peak MB",
              "input_mb": "input MB"},  # fmt: skip
@@ -392,21 +342,6 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dic
         "",
     ]
     atomic_write_text(path, "\n".join(text))
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({key: ("" if isinstance(v, float) and math.isnan(v) else v) for key, v in r.items()} for r in rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def _save(fig: Any, path: Path) -> None:
-    """Save a figure atomically (temp file in the same folder + rename)."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
 
 
 def plot(rows: list[dict[str, Any]], out: Path, dim: int) -> None:
@@ -439,7 +374,7 @@ def plot(rows: list[dict[str, Any]], out: Path, dim: int) -> None:
             ax.legend(title="dashed: bandwidth bound", fontsize=8)
         axes[0][0].set_ylabel("wall time (s)")
         fig.tight_layout()
-        _save(fig, out / name)
+        save_figure(fig, out / name)
         plt.close(fig)
 
 
@@ -467,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(threads),
         "skipped": skipped,
     }
-    write_csv(args.out / "selection_cost.csv", rows)
+    write_csv(args.out / "selection_cost.csv", rows, COLUMNS)
     write_markdown(args.out / "selection_cost.md", rows, plan, info)
     plot(rows, args.out, plan.plot_dim)
     print(f"[selection_cost] wrote {args.out} in {info['wall_s']:.0f} s", file=sys.stderr)

@@ -26,16 +26,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from minirec import plots
-from minirec.curriculum import CURRICULUM_MODES, build_curriculum
+from minirec.curriculum import CURRICULUM_MODES, selection_records
 from minirec.io import DataError, atomic_write_json, atomic_write_text, read_json
-from minirec.selection import (
-    STRATEGIES,
-    greedy_value_selection,
-    learnability,
-    representativeness,
-    select,
-    value_scores,
-)
+from minirec.selection import STRATEGIES, learnability, representativeness, value_scores
 
 # predict_step output per batch: name -> number of dimensions (first dimension = batch size B)
 PREDICTION_FIELDS = {"sample_id": 1, "rewards": 2, "mean_reward": 1, "user_emb": 2, "rep_vec": 2}
@@ -283,29 +276,21 @@ class ScoreWriter(BasePredictionWriter):
         index = torch.tensor([first[s] for s in pool], dtype=torch.long)
         return {k: torch.cat([part[k] for part in parts])[index] for k in PREDICTION_FIELDS}
 
-    def _select(self, k: int, mean: torch.Tensor, L_: torch.Tensor, R_: torch.Tensor, q: torch.Tensor,
-                emb: torch.Tensor) -> torch.Tensor:
-        """Pool indices `[k]` in selection order; the MiniRec strategies use `selection_dtype` for the embeddings."""
-        if self.strategy in ("minirec", "minirec_no_curriculum"):
-            return greedy_value_selection(q, emb, k, SELECTION_DTYPES[self.selection_dtype])
-        return select(self.strategy, k, mean_rewards=mean, L=L_, R=R_, emb=emb, seed=self.seed, alpha=self.alpha)
-
     def _merge(self, pool: list[int], pl_module: L.LightningModule) -> None:
         table = self.merged_table(pool)
         ids, rewards, mean = table["sample_id"], table["rewards"].float(), table["mean_reward"].float()
         L_, R_ = learnability(mean, self.mu, self.sigma), representativeness(table["rep_vec"])
         q = value_scores(L_, R_, self.alpha)
-        order = self._select(max(self.ks), mean, L_, R_, q, table["user_emb"])
+        order, records = selection_records(
+            self.strategy, self.ks, ids, mean, mode=self.mode, num_stages=self.num_stages, fold_size=self.fold_size,
+            seed=self.seed, L=L_, R=R_, emb=table["user_emb"], alpha=self.alpha,
+            dtype=SELECTION_DTYPES[self.selection_dtype])
         row_of = {int(s): r for r, s in enumerate(ids.tolist())}
         selections, per_k = {}, {}
-        for k in self.ks:
+        for k, record in records.items():
             chosen = order[:k]
-            ordered, stages = build_curriculum(ids[chosen], mean[chosen], self.mode, self.num_stages,
-                                               self.fold_size, self.seed)
             selections[k] = {
-                "fingerprint": self.fingerprint["dataset"], "ids": ordered, "stages": stages,
-                "curriculum": self.mode, "k": k, "strategy": self.strategy,
-                "selection_order": ids[chosen].tolist(),
+                "fingerprint": self.fingerprint["dataset"], **record,
                 "config": {**self.config(), "scoring": self.fingerprint["scoring"]},
                 "pool_size": len(pool), "proxy_checkpoint": pl_module.hparams.get("proxy_checkpoint"),
             }

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 
 from minirec.io import DataError
+from minirec.selection import select
 
 CURRICULUM_MODES = ("stages", "folds", "none")
 PACINGS = ("cumulative", "exclusive")
@@ -116,3 +117,31 @@ def active_ids(
     if pacing == "cumulative":
         return [i for i, s in zip(ids, stages) if s <= stage]
     return [i for i, s in zip(ids, stages) if s == stage]
+
+
+def selection_records(
+    strategy: str,
+    ks: Sequence[int],
+    ids: torch.Tensor,
+    mean_rewards: torch.Tensor,
+    *,
+    mode: str,
+    num_stages: int = 4,
+    fold_size: int = 64,
+    seed: int = 0,
+    **scores: object,
+) -> tuple[torch.Tensor, dict[int, dict]]:
+    """One selection for max(ks) (smaller ks are its prefixes), each with its curriculum.
+
+    ids `[N]` pool sample ids, mean_rewards `[N]` r̄; `scores` are `select`'s L, R, emb, alpha, dtype. Returns the pool
+    indices `[max(ks)]` in selection order and, per k, the selection-file fields `ids` (curriculum order), `stages`,
+    `curriculum`, `k`, `strategy`, `selection_order` (sample ids in selection order).
+    """
+    order = select(strategy, max(ks), mean_rewards=mean_rewards, seed=seed, **scores)
+    records = {}
+    for k in ks:
+        chosen = order[:k]
+        ordered, stages = build_curriculum(ids[chosen], mean_rewards[chosen], mode, num_stages, fold_size, seed)
+        records[k] = {"ids": ordered, "stages": stages, "curriculum": mode, "k": k, "strategy": strategy,
+                      "selection_order": ids[chosen].tolist()}
+    return order, records

@@ -352,13 +352,15 @@ def select(
     emb: torch.Tensor | None = None,
     seed: int = 0,
     alpha: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Pick k pool samples with one of `STRATEGIES`; returns pool indices LongTensor `[k]` (CPU) in selection order.
 
     mean_rewards `[N]` fixes the pool size N; L, R `[N]` and emb `[N, d]` are needed by the strategies that use them.
     random: seeded permutation prefix; full: all N in pool order (k ignored); learnability / representativeness: top-k
     by that score (stable: ties keep pool order); diversity: k-center on emb; minirec and minirec_no_curriculum:
-    greedy value selection on q = alpha·L + R and emb (the two differ only in the curriculum that follows).
+    greedy value selection on q = alpha·L + R and emb (the two differ only in the curriculum that follows), with the
+    normalised embeddings in `dtype`.
     """
     if strategy not in STRATEGIES:
         raise DataError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -385,4 +387,4 @@ def select(
     if strategy == "diversity":
         return k_center_selection(_matrix(emb, "emb", n), k)
     q = value_scores(_vector(L, "L", n), _vector(R, "R", n), alpha)
-    return greedy_value_selection(q, _matrix(emb, "emb", n), k)
+    return greedy_value_selection(q, _matrix(emb, "emb", n), k, dtype)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,16 @@ os.environ.setdefault("MINIREC_CACHE", tempfile.mkdtemp(prefix="minirec-models-"
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 AMAZON_DIR = PROJECT_ROOT.parent / "shared" / "data" / "amazon2023"
+BENCHMARKS = PROJECT_ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def import_benchmark():
+    """`import_benchmark(name)` imports a benchmark script as a module; benchmarks/ stays on sys.path for the session
+    (the scripts import each other by name, and fork-server workers import them again)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    yield importlib.import_module
+    sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture(scope="session")

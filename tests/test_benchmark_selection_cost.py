@@ -5,24 +5,16 @@ from __future__ import annotations
 import csv
 import math
 import multiprocessing
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    """The benchmark script as a module (its folder on sys.path: the fork-server workers import it by name)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    import selection_cost
-
-    yield selection_cost
-    sys.path.remove(str(BENCHMARKS))
+def bench(import_benchmark):
+    return import_benchmark("selection_cost")
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from jsonargparse import ArgumentParser
 
 from lightning_modules.grpo import OptimConfig
 from minirec.io import DataError

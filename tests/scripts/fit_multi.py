@@ -1,9 +1,11 @@
 """Fit GRPOModule on 2 CPU processes with DDP or DeepSpeed ZeRO-2 (the shipped strategy presets); ranks write JSON.
 
-    python tests/scripts/fit_multi.py <ddp|zero2> <workdir> [--resume]
+    python tests/scripts/fit_multi.py <ddp|zero2> <workdir> [--resume] [--sgd]
 
 A first run trains to step 2 and checkpoints (`<workdir>/ckpt/last.ckpt`); `--resume` continues from `ckpt_path="last"`
-to step 4. Validation (1 batch per rank) runs every 2 steps. Each rank writes `<workdir>/<fit|resume>-rank<r>.json`:
+to step 4. `--sgd` trains with plain SGD and no gradient clipping instead of AdamW with clipping: the update is then
+lr times the gradient, scale included, so two strategies' updates can be compared (AdamW's first step is lr·sign(g)
+and turns summation-order noise in near-zero gradients into full-size differences; clipping hides a wrong scale). Validation (1 batch per rank) runs every 2 steps. Each rank writes `<workdir>/<fit|resume>-rank<r>.json`:
 global step, world size, the in-batch targets of this rank and the extra negatives gathered from the other rank in the
 last micro-batch, the validation metrics and (zero2) the DeepSpeed engine's accumulation counters; its LoRA weights at
 train start and end go to `<workdir>/<fit|resume>-rank<r>-lora.pt`. Lightning's launcher re-runs this file
@@ -40,7 +42,18 @@ def lora_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 class RecordingGRPO(GRPOModule):
     """GRPOModule that remembers its LoRA weights at train start (after any checkpoint restore) and, per micro-batch,
-    its own in-batch target ids and the negatives gathered from the other ranks."""
+    its own in-batch target ids and the negatives gathered from the other ranks; optionally optimised with SGD."""
+
+    sgd = False
+
+    def configure_optimizers(self) -> dict:
+        config = super().configure_optimizers()
+        if self.sgd:
+            params = [p for p in self.policy.parameters() if p.requires_grad]
+            opt = torch.optim.SGD(params, lr=self.optim.lr)
+            config = {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.ConstantLR(opt, 1.0),
+                                                         "interval": "step"}}
+        return config
 
     def on_train_start(self) -> None:
         self.lora_at_start = lora_weights(self)
@@ -57,7 +70,7 @@ class RecordingGRPO(GRPOModule):
         return extra, extra_ids
 
 
-def main(mode: str, workdir: Path, resume: bool) -> None:
+def main(mode: str, workdir: Path, resume: bool, sgd: bool) -> None:
     t0 = time.perf_counter()
     L.seed_everything(0)
     dm = RecDataModule(  # same settings as tests/test_grpo.py make_dm
@@ -68,13 +81,17 @@ def main(mode: str, workdir: Path, resume: bool) -> None:
     module = RecordingGRPO(  # same settings as tests/test_grpo.py make_module
         policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0),
         sampling=SamplingConfig(group_size=2, max_new_tokens=4),
-        optim=OptimConfig(lr=3e-3, micro_batch_size=8),
+        optim=OptimConfig(lr=3e-3, micro_batch_size=8, grad_clip=0.0 if sgd else 1.0),
         eval_max_new_tokens=4,
     )
+    module.sgd = sgd
     if mode == "ddp":
         strategy = DDPStrategy(process_group_backend="gloo", **preset_init_args("ddp"))
     elif mode == "zero2":
-        strategy = CPUDeepSpeedStrategy(**preset_init_args("deepspeed-zero2"))
+        args = preset_init_args("deepspeed-zero2")
+        if sgd:  # DeepSpeed asks for the flag before it wraps an optimizer other than Adam(W) / Lamb / Adagrad
+            args["config"].update(zero_allow_untested_optimizer=True, gradient_clipping=0.0)
+        strategy = CPUDeepSpeedStrategy(**args)
     else:
         raise SystemExit(f"mode must be ddp or zero2, got {mode!r}")
     trainer = L.Trainer(
@@ -88,7 +105,7 @@ def main(mode: str, workdir: Path, resume: bool) -> None:
     lora = lora_weights(module)
     torch.save({"start": module.lora_at_start, "end": lora}, workdir / f"{tag}-lora.pt")
     engine = trainer.strategy.model if mode == "zero2" else None  # the DeepSpeedEngine
-    adamw = engine.optimizer.optimizer if engine else trainer.optimizers[0]  # the torch AdamW (ZeRO: of the shards)
+    torch_opt = engine.optimizer.optimizer if engine else trainer.optimizers[0]  # the torch optimizer (ZeRO: of the shards)
     atomic_write_json(
         workdir / f"{tag}.json",
         {
@@ -98,12 +115,12 @@ def main(mode: str, workdir: Path, resume: bool) -> None:
             "seen": module.seen,
             "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
             "n_trainable": len(lora),
-            "adamw_steps": max(int(st["step"]) for st in adamw.state.values()),
+            "adamw_steps": max((int(st["step"]) for st in torch_opt.state.values() if "step" in st), default=0),
             "deepspeed": engine and {
                 "managed_gradient_accumulation": engine.managed_gradient_accumulation(),
                 "gradient_clipping": engine.gradient_clipping(),
                 "optimizer": type(engine.optimizer).__name__,
-                "base_optimizer": type(getattr(engine.optimizer, "optimizer", None)).__name__,
+                "base_optimizer": type(torch_opt).__name__,
                 "global_steps": engine.global_steps,
                 "global_samples": engine.global_samples,  # unmanaged accumulation: counts every backward
                 "train_batch_size": engine.train_batch_size(),
@@ -116,4 +133,4 @@ def main(mode: str, workdir: Path, resume: bool) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(args[0], Path(args[1]), "--resume" in args[2:])
+    main(args[0], Path(args[1]), "--resume" in args[2:], "--sgd" in args[2:])

@@ -1,0 +1,82 @@
+"""Helpers shared by the benchmark scripts: machine description, CSV / markdown tables, atomic figure saving."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from minirec.io import atomic_write_text
+
+
+def proc_bytes(path: str, field: str) -> int:
+    """A kB field of a /proc file in bytes: `/proc/meminfo` (MemTotal, MemAvailable) or `/proc/self/status`
+    (VmRSS, VmHWM); Linux only."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{path} has no {field}: this measurement needs Linux")
+
+
+def run_header(title: str, info: dict[str, Any]) -> list[str]:
+    """Markdown lines opening a results file: title, command, date, wall time and machine of `info`."""
+    return [
+        f"# {title}", "",
+        f"Command: `{info['command']}`  ", f"Date: {info['date']}; wall time {info['wall_s'] / 60:.1f} min  ",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info["machine"].items()), "",
+    ]
+
+
+def machine(threads: int) -> dict[str, str]:
+    """CPU model, cores, torch threads, RAM, torch / Python / OS versions of this machine."""
+    cpu = platform.processor() or "unknown"
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {
+        "CPU": cpu,
+        "logical cores": str(os.cpu_count()),
+        "torch threads": str(threads),
+        "RAM": f"{proc_bytes('/proc/meminfo', 'MemTotal') / 2**30:.1f} GiB",
+        "torch": torch.__version__,
+        "Python": platform.python_version(),
+        "OS": platform.platform(),
+    }
+
+
+def fmt(x: Any) -> str:
+    """A table cell: floats with 3 significant digits (whole numbers from 1e4), NaN as empty."""
+    if isinstance(x, float):
+        if math.isnan(x):
+            return ""
+        return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.0f}"
+    return str(x)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
+    """Markdown table of `rows` with {key: header} columns."""
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r[key]) for key in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    """rows -> CSV with `columns` (NaN written as empty), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: ("" if isinstance(v, float) and math.isnan(v) else v) for key, v in r.items()} for r in rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure atomically (temp file in the same folder + rename)."""
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)

@@ -1,0 +1,308 @@
+"""Data-efficiency benchmark: full data vs random-k vs MiniRec-k and its ablations, several seeds, one harness.
+
+For each seed: one proxy fit (on `proxy.subset` of the base pipeline config) and one scoring pass over the pool
+(`score.pool_size` samples, the "full data" of this benchmark); then, from that one score table, a selection per
+strategy and k, each trained with the base config's `train` stage and tested at its best-valid checkpoint:
+
+- `full`: every pool sample, no curriculum;
+- `random`: a seeded random k, no curriculum (needs neither proxy nor scoring);
+- `minirec`: greedy value selection with the easy→hard curriculum; `minirec_no_curriculum`: the same k, no curriculum;
+- `learnability` / `representativeness` / `diversity`: top-k by L, top-k by R, k-center only, each with the curriculum.
+
+Cross-model transfer (optional): the MiniRec-k selection made with the base policy's proxy trains `transfer_policy`,
+next to that policy trained on random-k. Time per method counts what the method needs: full and random = training;
+the scored strategies = proxy + scoring + selection + training (the one proxy and scoring serve every k). Test time is
+reported but not counted. Every stage writes `done.json`, so a killed benchmark resumes where it stopped.
+
+    python benchmarks/data_efficiency.py --config benchmarks/configs/data_efficiency_cpu.yaml
+
+Writes runs.csv (one row per trained model), summary.csv and data_efficiency.md (mean ± std over seeds and the
+headline ratios), quality_vs_k.png and time_vs_k.png into `out`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from bench_common import machine, markdown_table, run_header, save_figure, write_csv
+from cli import pipeline_parser
+from minirec.curriculum import selection_records
+from minirec.io import DataError, atomic_write_json, atomic_write_text
+from minirec.selection import STRATEGIES
+from pipeline import PipelineSpec, check_run_config, fit_proxy, fit_subset, run_stage, score_pool, test_best
+
+SCORED = ("minirec", "minirec_no_curriculum", "learnability", "representativeness", "diversity")
+RUN_COLUMNS = ("seed", "policy", "strategy", "k", "train_samples", "proxy_s", "score_s", "select_s", "train_s",
+               "method_s", "test_s", "train_steps", "best_val_ndcg@10", "test_ndcg@10", "test_hr@10",
+               "test_ndcg@20", "test_hr@20")  # fmt: skip
+SUMMARY_COLUMNS = ("policy", "strategy", "k", "seeds", "test_ndcg@10_mean", "test_ndcg@10_std", "test_hr@10_mean",
+                   "test_hr@10_std", "method_s_mean", "train_s_mean", "time_vs_full", "ndcg@10_vs_full")  # fmt: skip
+
+
+def load_spec(base: str) -> PipelineSpec:
+    """The PipelineSpec of a `minirec pipeline` YAML (its run_dir is ignored)."""
+    if not Path(base).is_file():
+        raise DataError(f"data_efficiency.base: no pipeline config at {base}")
+    parser = pipeline_parser()
+    cfg = parser.instantiate_classes(parser.parse_path(base))
+    return PipelineSpec(**{k: v for k, v in vars(cfg).items() if k not in ("config", "run_dir", "__path__")})
+
+
+def check_grid(spec: PipelineSpec, ks: list[int], seeds: list[int], strategies: list[str],
+               transfer_k: int | None) -> None:
+    """Validate the grid against the base config (score.pool_size None = the whole training split)."""
+    pool = spec.score.pool_size or sys.maxsize
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise DataError(f"data_efficiency.strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
+    if not ks or len(set(ks)) < len(ks) or not all(1 <= k < pool for k in ks):
+        raise DataError(f"data_efficiency.ks: need distinct sizes below the pool size {spec.score.pool_size}, got {ks}")
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise DataError(f"data_efficiency.seeds: need distinct seeds, got {seeds}")
+    if spec.score.curriculum == "stages" and spec.score.num_stages > min(ks):
+        raise DataError(f"data_efficiency: score.num_stages {spec.score.num_stages} exceeds the smallest k {min(ks)}")
+    if transfer_k is not None and transfer_k not in ks:
+        raise DataError(f"data_efficiency.transfer_k: {transfer_k} is not one of ks {ks}")
+
+
+def read_scores(score_dir: Path) -> dict[str, torch.Tensor]:
+    """The scored pool: sample_id, mean_reward, L, R from scores.csv and user_emb from vectors.pt, in pool order."""
+    with open(score_dir / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    vectors = torch.load(score_dir / "vectors.pt", map_location="cpu", weights_only=True)
+    ids = torch.tensor([int(r["sample_id"]) for r in rows])
+    if not torch.equal(ids, vectors["sample_id"]):
+        raise DataError(f"{score_dir}: scores.csv and vectors.pt list different samples")
+    column = lambda name: torch.tensor([float(r[name]) for r in rows])  # noqa: E731
+    return {"sample_id": ids, "mean_reward": column("mean_reward"), "L": column("L"), "R": column("R"),
+            "emb": vectors["user_emb"].float()}
+
+
+def write_selections(spec: PipelineSpec, table: dict[str, torch.Tensor], strategy: str, ks: list[int],
+                     folder: Path) -> tuple[dict[int, str], float]:
+    """Selection files `<strategy>_k<k>.json` for every k (one, k = N, for `full`); -> ({k: path}, seconds)."""
+    n = table["sample_id"].numel()
+    ks = [n] if strategy == "full" else ks
+    mode = "none" if strategy in ("full", "random", "minirec_no_curriculum") else spec.score.curriculum
+    start = time.perf_counter()
+    _, records = selection_records(strategy, ks, table["sample_id"], table["mean_reward"], mode=mode,
+                                   num_stages=spec.score.num_stages, seed=spec.seed, L=table["L"], R=table["R"],
+                                   emb=table["emb"])
+    seconds = time.perf_counter() - start
+    paths = {}
+    for k, record in records.items():
+        paths[k] = str(folder / f"{strategy}_k{k}.json")
+        atomic_write_json(paths[k], {"fingerprint": spec.processing.fingerprint(), **record, "pool_size": n})
+    return paths, seconds
+
+
+def train_and_test(spec: PipelineSpec, folder: Path, selection: str) -> dict[str, Any]:
+    """Fit on a selection file, then test its best-valid checkpoint (each a resumable stage)."""
+    times: dict[str, float] = {}
+    fit = run_stage(folder / "train", times, f"train {folder.name}", lambda d: fit_subset(spec, d, selection))
+    test = run_stage(folder / "test", times, f"test {folder.name}", lambda d: test_best(spec, d, fit["best_checkpoint"]))
+    return {"fit": fit, "metrics": test["metrics"], "train_s": times[f"train {folder.name}"],
+            "test_s": times[f"test {folder.name}"]}
+
+
+def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str], transfer_policy: dict[str, Any] | None,
+             transfer_k: int | None) -> list[dict[str, Any]]:
+    """Every method of one seed under `out/seed<seed>`; -> one row per trained model."""
+    folder = out / f"seed{spec.seed}"
+    check_run_config(folder, spec)
+    times: dict[str, float] = {}
+    proxy = run_stage(folder / "proxy", times, "proxy", lambda d: fit_proxy(spec, d))
+    run_stage(folder / "scores", times, "score", lambda d: score_pool(spec, d, proxy["adapter"]))
+    table = read_scores(folder / "scores")
+    rows = []
+
+    def add(policy_spec: PipelineSpec, strategy: str, k: int, path: str, select_s: float, name: str) -> None:
+        """Train and test one method; its time counts the proxy and scoring only if its selection used them."""
+        result = train_and_test(policy_spec, folder / name, path)
+        m = result["metrics"]
+        proxy_s, score_s = (times["proxy"], times["score"]) if select_s else (0.0, 0.0)
+        rows.append({
+            "seed": spec.seed, "policy": policy_spec.policy.pretrained, "strategy": strategy, "k": k,
+            "train_samples": k, "proxy_s": proxy_s, "score_s": score_s, "select_s": select_s,
+            "train_s": result["train_s"], "method_s": proxy_s + score_s + select_s + result["train_s"],
+            "test_s": result["test_s"],
+            "train_steps": result["fit"]["global_step"], "best_val_ndcg@10": result["fit"]["best_val_ndcg@10"],
+            **{f"test_{name}": m.get(f"test/{name}", float("nan"))
+               for name in ("ndcg@10", "hr@10", "ndcg@20", "hr@20")},
+        })
+
+    selections: dict[str, dict[int, str]] = {}
+    select_times: dict[str, float] = {}
+    for strategy in dict.fromkeys([*strategies, *(["minirec", "random"] if transfer_policy else [])]):
+        paths, select_s = write_selections(spec, table, strategy, ks, folder / "selections")
+        selections[strategy], select_times[strategy] = paths, select_s
+        if strategy in strategies:
+            for k, path in paths.items():
+                add(spec, strategy, k, path, select_s if strategy in SCORED else 0.0, f"{strategy}_k{k}")
+    if transfer_policy is not None:
+        other = replace(spec, policy=replace(spec.policy, **transfer_policy))
+        tag = other.policy.pretrained.replace("/", "_")
+        minirec_s = select_times["minirec"]
+        add(other, "minirec_transfer", transfer_k, selections["minirec"][transfer_k], minirec_s, f"transfer_minirec_{tag}")
+        add(other, "random", transfer_k, selections["random"][transfer_k], 0.0, f"transfer_random_{tag}")
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (policy, strategy, k), with time and NDCG@10 relative to full data (same policy)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["policy"], r["strategy"], r["k"]), []).append(r)
+    out = []
+    for (policy, strategy, k), rs in groups.items():
+        ndcg, ndcg_std = _mean_std([r["test_ndcg@10"] for r in rs])
+        hr, hr_std = _mean_std([r["test_hr@10"] for r in rs])
+        out.append({"policy": policy, "strategy": strategy, "k": k, "seeds": len(rs), "test_ndcg@10_mean": ndcg,
+                    "test_ndcg@10_std": ndcg_std, "test_hr@10_mean": hr, "test_hr@10_std": hr_std,
+                    "method_s_mean": statistics.fmean(r["method_s"] for r in rs),
+                    "train_s_mean": statistics.fmean(r["train_s"] for r in rs)})
+    for row in out:
+        full = next((f for f in out if f["policy"] == row["policy"] and f["strategy"] == "full"), None)
+        row["time_vs_full"] = row["method_s_mean"] / full["method_s_mean"] if full else float("nan")
+        row["ndcg@10_vs_full"] = (row["test_ndcg@10_mean"] / full["test_ndcg@10_mean"]
+                                  if full and full["test_ndcg@10_mean"] > 0 else float("nan"))
+    order = {s: i for i, s in enumerate(("full", "random", *SCORED, "minirec_transfer"))}
+    return sorted(out, key=lambda r: (r["policy"], r["k"], order.get(r["strategy"], 99)))
+
+
+def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
+    """quality_vs_k.png (test NDCG@10 mean ± std vs k) and time_vs_k.png (method seconds vs k), one line per
+    strategy of `policy`; full data drawn as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary if r["policy"] == policy]
+    for key, err, ylabel, name in (("test_ndcg@10_mean", "test_ndcg@10_std", "test NDCG@10", "quality_vs_k.png"),
+                                   ("method_s_mean", None, "method wall time (s)", "time_vs_k.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, strategy in enumerate(dict.fromkeys(r["strategy"] for r in rows)):
+            line = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["k"])
+            if strategy == "full":
+                ax.axhline(line[0][key], color="k", ls="--", label=f"full data (N={line[0]['k']})")
+                continue
+            ax.errorbar([r["k"] for r in line], [r[key] for r in line],
+                        yerr=[r[err] for r in line] if err else None, marker="o", capsize=3, color=f"C{i}",
+                        label=strategy)
+        ax.set(xscale="log", xlabel="subset size k", ylabel=ylabel, title=f"{ylabel} vs k ({policy})")
+        ax.set_xticks(sorted({r["k"] for r in rows if r["strategy"] != "full"}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, out / name)
+        plt.close(fig)
+
+
+def write_markdown(path: Path, summary: list[dict[str, Any]], spec: PipelineSpec, info: dict[str, Any]) -> None:
+    """The run's header (command, date, machine, settings), the summary table and the headline ratios."""
+    headline = [r for r in summary if r["strategy"] == "minirec"]
+    text = [
+        *run_header("Data-efficiency benchmark", info),
+        f"Dataset `{spec.processing.dataset}`; policy `{spec.policy.pretrained}`; pool (full data) N = "
+        f"{spec.score.pool_size or 'whole training split'}; ks {info['ks']}; seeds {info['seeds']}; proxy on `{spec.proxy.subset}` for "
+        f"{spec.proxy.max_epochs} epoch(s); training {spec.train.max_epochs} epochs, curriculum "
+        f"`{spec.score.curriculum}` with {spec.score.num_stages} stages; test on {spec.loader.max_test_samples} samples "
+        f"at the best-valid checkpoint ({spec.loader.max_val_samples} validation samples).", "",
+        "Method time = what the method needs: full and random = training; the scored strategies = proxy + scoring + "
+        "selection + training. Mean ± std over seeds.", "",
+        markdown_table(summary, {
+            "policy": "policy", "strategy": "strategy", "k": "k", "seeds": "seeds",
+            "test_ndcg@10_mean": "NDCG@10", "test_ndcg@10_std": "± std", "test_hr@10_mean": "HR@10",
+            "test_hr@10_std": "± std", "method_s_mean": "method s", "train_s_mean": "train s",
+            "time_vs_full": "time / full", "ndcg@10_vs_full": "NDCG@10 / full"}), "",
+        "## Headline ratios (MiniRec-k vs full data)", "",
+        markdown_table(headline, {"policy": "policy", "k": "k", "time_vs_full": "MiniRec time / full time",
+                                  "ndcg@10_vs_full": "MiniRec NDCG@10 / full NDCG@10"}), "",
+        "![quality vs k](quality_vs_k.png)", "", "![time vs k](time_vs_k.png)", "",
+    ]
+    atomic_write_text(path, "\n".join(text))
+
+
+def run_benchmark(
+    base: str,
+    out: str = "benchmarks/results/data_efficiency",
+    work_dir: str = "runs/data_efficiency",
+    ks: list[int] = [32, 64, 128],
+    seeds: list[int] = [0, 1, 2],
+    strategies: list[str] = ["full", "random", "minirec", "learnability", "representativeness", "diversity",
+                             "minirec_no_curriculum"],
+    transfer_policy: dict[str, Any] | None = None,
+    transfer_k: int | None = None,
+    command: str = "",
+) -> list[dict[str, Any]]:
+    """Run (or resume) the grid and write the tables and plots; returns the summary rows.
+
+    Args:
+        base: a `minirec pipeline` YAML whose settings every run shares (score.pool_size = the full data).
+        out: folder of the results (CSV, markdown, plots).
+        work_dir: folder of the runs (checkpoints, scores); a re-run resumes there.
+        ks: subset sizes.
+        seeds: global seeds (LoRA init, rollout sampling, random-k); pool and evaluation samples stay fixed by
+            `loader.seed`.
+        strategies: methods to compare (`full`, `random`, `minirec` and the ablations).
+        transfer_policy: policy settings that replace the base ones (e.g. `{pretrained: tiny-random-llama}`) for a
+            second policy trained on the base policy's MiniRec-k selection and on random-k (cross-model transfer).
+        transfer_k: the k of the transfer runs.
+        command: the command line recorded in the markdown (set by `main`).
+    """
+    spec = load_spec(base)
+    check_grid(spec, ks, seeds, strategies, transfer_k)
+    if transfer_policy is not None and transfer_k is None:
+        raise DataError("data_efficiency: transfer_policy needs transfer_k")
+    spec = replace(spec, score=replace(spec.score, ks=tuple(ks), strategy="minirec"))
+    start = time.perf_counter()
+    rows = [r for seed in seeds
+            for r in run_seed(replace(spec, seed=seed), Path(work_dir), ks, strategies, transfer_policy, transfer_k)]
+    summary = summarise(rows)
+    results = Path(out)
+    results.mkdir(parents=True, exist_ok=True)
+    write_csv(results / "runs.csv", rows, RUN_COLUMNS)
+    write_csv(results / "summary.csv", summary, SUMMARY_COLUMNS)
+    plot(summary, spec.policy.pretrained, results)
+    info = {"command": command,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - start,
+            "machine": machine(torch.get_num_threads()), "ks": ks, "seeds": seeds}
+    write_markdown(results / "data_efficiency.md", summary, spec, info)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="data_efficiency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(run_benchmark, skip={"command"})
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parser.parse_args(argv)
+    command = shlex.join(["python", "benchmarks/data_efficiency.py", *argv])
+    summary = run_benchmark(**{k: v for k, v in vars(cfg).items() if k not in ("config", "__path__")}, command=command)
+    print(markdown_table(summary, {"policy": "policy", "strategy": "strategy", "k": "k",
+                                   "test_ndcg@10_mean": "NDCG@10", "method_s_mean": "method s",
+                                   "time_vs_full": "time / full"}))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""benchmarks/data_efficiency.py end to end on a tiny model and synthetic data: every method of every seed trained
+once, time accounting per method, selections that are prefixes across k, cross-model transfer, tables and plots,
+a re-run that trains nothing, bad grids refused; and its shipped configs parse."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minirec.io import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench(import_benchmark):
+    return import_benchmark("data_efficiency")
+
+
+def tiny_base(folder: Path) -> str:
+    """A pipeline YAML: tiny Qwen2 on synthetic data with planted preferences, a 24-sample pool."""
+    optim = {"lr": 3.0e-3, "micro_batch_size": 8}
+    cfg = {
+        "processing": {"dataset": "synthetic", "synthetic_users": 80, "synthetic_items": 24},
+        "loader": {"cache_dir": str(folder / "cache"), "max_val_samples": 16, "max_test_samples": 16,
+                   "train_batch_size": 8, "eval_batch_size": 16},
+        "policy": {"pretrained": "tiny-random-qwen2", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "sampling": {"group_size": 2, "max_new_tokens": 3},
+        "proxy": {"subset": "random:8", "max_epochs": 1, "optim": optim},
+        "score": {"pool_size": 24, "num_rollouts": 2, "num_stages": 2},
+        "train": {"max_epochs": 2, "optim": optim},
+        "eval_max_new_tokens": 3,
+        "device": {"accelerator": "cpu"},
+    }
+    path = folder / "base.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def run(bench, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data_efficiency")
+    args = ["--base", tiny_base(folder), "--out", str(folder / "results"), "--work_dir", str(folder / "work"),
+            "--ks", "[8, 16]", "--seeds", "[0, 1]", "--strategies", "[full, random, minirec, diversity]",
+            "--transfer_policy", "{pretrained: tiny-random-llama}", "--transfer_k", "8"]
+    assert bench.main(args) == 0
+    return folder, args
+
+
+def test_every_method_runs_once_with_its_time(run) -> None:
+    folder, _ = run
+    rows = read_csv(folder / "results/runs.csv")
+    keys = sorted((r["seed"], r["policy"], r["strategy"], r["k"]) for r in rows)
+    expected = sorted([(s, "tiny-random-qwen2", m, k) for s in "01" for m, k in
+                       [("full", "24"), ("random", "8"), ("random", "16"), ("minirec", "8"), ("minirec", "16"),
+                        ("diversity", "8"), ("diversity", "16")]]
+                      + [(s, "tiny-random-llama", m, "8") for s in "01" for m in ("minirec_transfer", "random")])
+    assert keys == expected
+    for r in rows:
+        f = {k: float(r[k]) for k in ("proxy_s", "score_s", "select_s", "train_s", "method_s", "test_s")}
+        assert f["train_s"] > 0 and f["test_s"] > 0 and 0 <= float(r["test_ndcg@10"]) <= float(r["test_hr@10"]) <= 1
+        assert f["method_s"] == pytest.approx(f["proxy_s"] + f["score_s"] + f["select_s"] + f["train_s"])
+        if r["strategy"] in ("full", "random"):  # needs neither the proxy nor the scores
+            assert f["proxy_s"] == f["score_s"] == f["select_s"] == 0
+        else:
+            assert f["proxy_s"] > 0 and f["score_s"] > 0 and f["select_s"] > 0
+    full = [r for r in rows if r["strategy"] == "full"]
+    random8 = [r for r in rows if r["strategy"] == "random" and r["k"] == "8" and r["policy"] == "tiny-random-qwen2"]
+    assert all(int(r["train_steps"]) > int(q["train_steps"]) for r, q in zip(full, random8))  # 24 vs 8 samples
+
+
+def test_selections_are_prefixes_and_seeded(run) -> None:
+    folder, _ = run
+    sel = lambda seed, name: json.loads((folder / f"work/seed{seed}/selections/{name}.json").read_text())  # noqa
+    for seed in (0, 1):
+        small, large = sel(seed, "minirec_k8"), sel(seed, "minirec_k16")
+        assert large["selection_order"][:8] == small["selection_order"]
+        assert small["curriculum"] == "stages" and sorted(set(small["stages"])) == [0, 1]
+        assert sel(seed, "random_k8")["curriculum"] == "none"
+        assert len(sel(seed, "full_k24")["ids"]) == 24
+    assert sel(0, "random_k16")["ids"] != sel(1, "random_k16")["ids"]  # the seed changes random-k
+    scores = read_csv(folder / "work/seed0/scores/scores.csv")
+    assert len(scores) == 24 and {r["sample_id"] for r in scores} == set(map(str, sel(0, "full_k24")["ids"]))
+
+
+def test_tables_plots_and_ratios(run) -> None:
+    folder, _ = run
+    summary = read_csv(folder / "results/summary.csv")
+    full = next(r for r in summary if r["strategy"] == "full")
+    assert float(full["time_vs_full"]) == pytest.approx(1.0) and full["seeds"] == "2"
+    minirec = [r for r in summary if r["strategy"] == "minirec"]
+    runs = read_csv(folder / "results/runs.csv")
+    for r in minirec:
+        own = [float(x["method_s"]) for x in runs if x["strategy"] == "minirec" and x["k"] == r["k"]]
+        fulls = [float(x["method_s"]) for x in runs if x["strategy"] == "full"]
+        assert float(r["time_vs_full"]) == pytest.approx(sum(own) / sum(fulls), rel=1e-6)
+    md = (folder / "results/data_efficiency.md").read_text()
+    assert "## Headline ratios" in md and "MiniRec time / full time" in md and "data_efficiency.py" in md
+    for png in ("quality_vs_k.png", "time_vs_k.png"):
+        assert (folder / "results" / png).stat().st_size > 10_000
+
+
+def test_rerun_resumes_without_training(bench, run) -> None:
+    folder, args = run
+    before = (folder / "results/runs.csv").read_text()
+    markers = sorted((folder / "work").rglob("done.json"))
+    stamps = [p.stat().st_mtime_ns for p in markers]
+    assert bench.main(args) == 0
+    assert [p.stat().st_mtime_ns for p in markers] == stamps  # no stage ran again
+    cols = ("seed", "strategy", "k", "train_s", "test_ndcg@10")
+    pick = lambda text: [tuple(r[c] for c in cols) for r in csv.DictReader(text.splitlines())]  # noqa: E731
+    assert pick((folder / "results/runs.csv").read_text()) == pick(before)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"ks": [8, 24]}, "ks: need distinct sizes below the pool size 24"),
+    ({"strategies": ["best"]}, "unknown"),
+    ({"seeds": [0, 0]}, "distinct seeds"),
+    ({"transfer_policy": {"pretrained": "tiny-random-llama"}}, "needs transfer_k"),
+    ({"ks": [1, 8]}, "num_stages 2 exceeds the smallest k 1"),
+])
+def test_bad_grid_is_refused_before_any_run(bench, tmp_path: Path, over: dict, match: str) -> None:
+    args = {"base": tiny_base(tmp_path), "out": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),
+            "ks": [8, 16], **over}
+    with pytest.raises(DataError, match=match):
+        bench.run_benchmark(**args)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+def test_missing_base_config(bench, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no pipeline config at"):
+        bench.run_benchmark(base=str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (BENCHMARKS / "configs").glob("*.yaml")))
+def test_shipped_benchmark_configs_parse(bench, path: str) -> None:
+    cfg = yaml.safe_load((BENCHMARKS / "configs" / path).read_text())
+    if "base" not in cfg:  # a pipeline config
+        spec = bench.load_spec(str(BENCHMARKS / "configs" / path))
+        assert spec.score.pool_size and spec.policy.pretrained
+        return
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_function_arguments(bench.run_benchmark, skip={"command"})
+    parsed = parser.parse_object(cfg)
+    spec = bench.load_spec(str(ROOT / parsed.base))
+    bench.check_grid(spec, parsed.ks, parsed.seeds, parsed.strategies, parsed.transfer_k)
