@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from minirec.io import atomic_write_text
+from minirec.io import atomic_file, atomic_write_text
 
 
 def proc_bytes(path: str, field: str) -> int:
@@ -76,7 +76,6 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) ->
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Save a matplotlib figure atomically (temp file in the same folder + rename)."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    """Save a matplotlib figure as PNG atomically (temp file in the same folder + rename)."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,7 +26,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from minirec import plots
 from minirec.curriculum import CURRICULUM_MODES, selection_records
-from minirec.io import DataError, atomic_write_json, atomic_write_text, read_json
+from minirec.io import DataError, atomic_file, atomic_write_json, atomic_write_text, read_json
 from minirec.selection import STRATEGIES, learnability, representativeness, value_scores
 
 # predict_step output per batch: name -> number of dimensions (first dimension = batch size B)
@@ -38,16 +37,8 @@ CSV_COLUMNS = ("sample_id", "rewards", "mean_reward", "L", "R", "q", "selected_r
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save` to `path` through a hidden temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _normalised(obj: Any) -> Any:

@@ -155,6 +155,5 @@ class ScoringModule(GRPOModule):
                 h = self.policy.encode(useq[b : b + 1], umask[b : b + 1])
                 scores = mask_history(score_items(h, catalog, self.reward.tau), history[b : b + 1], target[b : b + 1])
                 rec_loss = torch.nn.functional.cross_entropy(scores, target[b : b + 1])
-                g = parameter_space_vector(token_loss + rec_loss, params, hvp=self.hparams.lora_hvp)
-                vectors.append(self.projection(g))
-        return torch.stack(vectors)
+                vectors.append(parameter_space_vector(token_loss + rec_loss, params, hvp=self.hparams.lora_hvp))
+        return self.projection(torch.stack(vectors))  # one pass over P for the batch: generating P dominates

@@ -13,8 +13,6 @@ import fcntl
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -22,7 +20,7 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from minirec.io import DataError
+from minirec.io import DataError, atomic_dir
 
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,14 +112,8 @@ def _build_once(name: str, build: Callable[[Path], None]) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if final.is_dir():  # another process finished it while we waited
             return final
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}.", suffix=".tmp"))
-        try:
+        with atomic_dir(final) as tmp:
             build(tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return final
 
 

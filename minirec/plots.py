@@ -7,8 +7,6 @@ canvas (no pyplot, no display, safe in worker processes), and writes the PNG ato
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +14,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from minirec.io import DataError
+from minirec.io import DataError, atomic_file
 
 POOL_COLOR, SELECTED_COLOR = "#9aa5b1", "#d1495b"
 
@@ -48,17 +46,9 @@ def _mask(selected: Any, n: int) -> np.ndarray:
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
     """Render `fig` to PNG at `path` through a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def pca_2d(x: Any) -> np.ndarray:

@@ -9,8 +9,6 @@ A causal LM with a LoRA adapter (PEFT) that
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +19,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from minirec.io import DataError, atomic_replace_dir
+from minirec.io import DataError, atomic_dir
 from minirec.models import load_tokenizer, resolve_pretrained
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -286,16 +284,8 @@ class Policy(torch.nn.Module):
 
     def save_adapter(self, folder: str | Path) -> None:
         """Write the LoRA adapter in the PEFT layout, atomically; `PeftModel.from_pretrained(base, folder)` opens it."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-        try:
+        with atomic_dir(folder) as tmp:
             self.model.save_pretrained(tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private
-            atomic_replace_dir(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ import json
 import logging
 import math
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from minirec.io import DataError, atomic_replace_dir, atomic_write_json, read_json
+from minirec.io import DataError, atomic_dir, atomic_write_json, read_json
 from minirec.sources import amazon_category, load_source
 
 log = logging.getLogger("minirec.data")
@@ -360,16 +358,10 @@ def build_dataset(cfg: ProcessingConfig, cache_dir: str | Path) -> tuple[dataset
         return datasets.load_from_disk(str(final)), final
     interactions, items, has_price = load_source(cfg)
     data, stats = process(cfg, interactions, items, has_price)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
+    with atomic_dir(final) as tmp:
         data.save_to_disk(str(tmp))
         atomic_write_json(tmp / "config.json", asdict(cfg))
         atomic_write_json(tmp / "stats.json", stats)  # written last: marks the folder complete
-        atomic_replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = stats["samples"]
     log.info(
         "built %s (%s): window %s, %d users, %d items, %d interactions, samples train/valid/test %d/%d/%d -> %s",
