@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,7 +45,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: unreadable file ({e})") from None
 
 
+@cache
 def _umask() -> int:
+    """The process umask, read once: reading it means setting it, which would race with other threads' file creation."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
@@ -16,16 +15,15 @@ def mode(path: Path) -> int:
 
 
 def test_files_and_folders_get_the_umask_permissions(tmp_path: Path) -> None:
-    old = os.umask(0o022)
-    try:
-        atomic_write_text(tmp_path / "a" / "report.md", "hello")
-        with atomic_dir(tmp_path / "adapter") as tmp:
-            (tmp / "weights.bin").write_bytes(b"x")
-    finally:
-        os.umask(old)
+    (tmp_path / "plain.md").write_text("x")  # what a plain open / mkdir gives under this process's umask
+    (tmp_path / "plain").mkdir()
+    atomic_write_text(tmp_path / "a" / "report.md", "hello")
+    with atomic_dir(tmp_path / "adapter") as tmp:
+        (tmp / "weights.bin").write_bytes(b"x")
     assert (tmp_path / "a" / "report.md").read_text() == "hello"
-    assert mode(tmp_path / "a" / "report.md") == 0o644  # not mkstemp's private 0o600
-    assert mode(tmp_path / "adapter") == 0o755 and (tmp_path / "adapter" / "weights.bin").read_bytes() == b"x"
+    assert mode(tmp_path / "a" / "report.md") == mode(tmp_path / "plain.md")  # not mkstemp's private 0o600
+    assert mode(tmp_path / "adapter") == mode(tmp_path / "plain")  # not mkdtemp's private 0o700
+    assert (tmp_path / "adapter" / "weights.bin").read_bytes() == b"x"
 
 
 def test_a_failed_write_keeps_the_old_version_and_leaves_no_temp(tmp_path: Path) -> None:

@@ -47,13 +47,11 @@ class RecordingGRPO(GRPOModule):
     sgd = False
 
     def configure_optimizers(self) -> dict:
-        config = super().configure_optimizers()
-        if self.sgd:
-            params = [p for p in self.policy.parameters() if p.requires_grad]
-            opt = torch.optim.SGD(params, lr=self.optim.lr)
-            config = {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.ConstantLR(opt, 1.0),
-                                                         "interval": "step"}}
-        return config
+        if not self.sgd:
+            return super().configure_optimizers()
+        opt = torch.optim.SGD([p for p in self.policy.parameters() if p.requires_grad], lr=self.optim.lr)
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.ConstantLR(opt, 1.0), "interval": "step"}}
 
     def on_train_start(self) -> None:
         self.lora_at_start = lora_weights(self)
