@@ -12,7 +12,6 @@ import sys
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 import lightning as L
-import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import RecDataModule
@@ -75,23 +74,15 @@ class MiniRecCLI(LightningCLI):
     """LightningCLI with the resolved config saved per run (Lightning's SaveConfigCallback)."""
 
 
-def end_process_group() -> None:
-    """Destroy the default process group, if one was made, while the interpreter is still whole. Lightning does this
-    only for NCCL; a gloo group (CPU DDP) left to interpreter shutdown can abort a run that succeeded (SIGABRT,
-    "terminate called without an active exception") when its worker threads free tensors without a live interpreter."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "data":
         data_main(argv[1:])
-    elif argv and argv[0] == "pipeline":
+        return
+    if argv and argv[0] == "pipeline":
         pipeline_main(argv[1:])
-    else:
-        MiniRecCLI(datamodule_class=RecDataModule, subclass_mode_data=True, subclass_mode_model=True, args=argv)
-    end_process_group()
+        return
+    MiniRecCLI(datamodule_class=RecDataModule, subclass_mode_data=True, subclass_mode_model=True, args=argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """GRPOModule on 2 CPU processes with DDP and DeepSpeed ZeRO-2 (the shipped strategy presets): ranks stay in sync,
 cross-device negatives arrive through all_gather, checkpoints hold only LoRA weights and resume, ZeRO-2 makes the
-same update as DDP.
+same update as DDP; importing `minirec` makes a process destroy its process group before interpreter shutdown.
 
 Each mode runs tests/scripts/fit_multi.py twice as a subprocess (Lightning's launcher re-runs the script for rank 1):
 a fit to step 2 that checkpoints, then a resume from `ckpt_path="last"` to step 4.
@@ -141,3 +141,19 @@ def test_zero2_update_matches_ddp(tmp_path_factory) -> None:
     print(f"\nSGD update after 2 steps: |ddp| {ddp.norm():.3e}, relative difference ZeRO-2 vs DDP {rel:.2e}")
     # a gradient scaled by the world size or the number of micro-batches would be off by O(1)
     assert rel < 1e-3, rel
+
+
+def test_importing_minirec_destroys_the_process_group_at_exit(tmp_path: Path) -> None:
+    """A gloo group left to interpreter shutdown can abort a finished run; the hook registered on import of `minirec`
+    destroys it first. An exit hook registered before that import runs after it, and reports what it saw."""
+    script = (
+        "import atexit, torch.distributed as dist\n"
+        "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+        "import minirec\n"
+        f"dist.init_process_group('gloo', init_method={(tmp_path / 'store').as_uri()!r}, rank=0, world_size=1)\n"
+        "assert dist.is_initialized()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "initialized at exit: False"

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from callbacks.score_writer import CSV_COLUMNS, ScoreWriter
-from cli import end_process_group
 from datamodules import RecDataModule
 from minirec.io import DataError
 from minirec.processing import ProcessingConfig
@@ -250,4 +249,3 @@ if __name__ == "__main__":  # the 2-process predict of the test above
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[ScoreWriter(sys.argv[2], ks=[8])])
     trainer.predict(FakeScorer(), datamodule=make_dm(sys.argv[1]), return_predictions=False)
-    end_process_group()

@@ -23,7 +23,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
-from cli import end_process_group
 from datamodules import RecDataModule
 from lightning_modules import GRPOModule
 from lightning_modules.grpo import OptimConfig
@@ -133,4 +132,3 @@ def main(mode: str, workdir: Path, resume: bool, sgd: bool) -> None:
 if __name__ == "__main__":
     args = sys.argv[1:]
     main(args[0], Path(args[1]), "--resume" in args[2:], "--sgd" in args[2:])
-    end_process_group()

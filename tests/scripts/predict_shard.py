@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from cli import end_process_group
 from datamodules import RecDataModule
 from minirec.processing import ProcessingConfig
 
@@ -35,4 +34,3 @@ if __name__ == "__main__":
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps([i for p in preds for i in p]))
     if trainer.global_rank == 0:
         torch.save(dm.predict_pool_ids(), out / "expected.pt")
-    end_process_group()
