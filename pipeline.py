@@ -23,6 +23,7 @@ from datamodules import RecDataModule
 from lightning_modules import GRPOModule, ScoringModule
 from lightning_modules.grpo import OptimConfig, deepspeed_config
 from minirec.io import DataError, atomic_write_json, atomic_write_text, read_json
+from minirec.plots import training_curves
 from minirec.policy import PolicyConfig
 from minirec.processing import ProcessingConfig
 from minirec.prompts import PromptConfig
@@ -195,7 +196,11 @@ def run_pipeline(
     test_done = run_stage(run / "test", times, "test", lambda d: test_best(spec, d, train_done["best_checkpoint"]))
     result = {"proxy": proxy_done, "score": score_done, "train": train_done, "test": test_done, "seconds": times,
               "loss_impl": train.optim.loss_impl}
-    atomic_write_text(run / "report.md", _report(result, score_dir))
+    for name in ("proxy", "train"):
+        logs = sorted((run / name / "logs").glob("version_*/metrics.csv"))
+        if logs:
+            training_curves(logs[-1], run / name / "training_curves.png")
+    atomic_write_text(run / "report.md", _report(result, run))
     return result
 
 
@@ -229,10 +234,12 @@ def fit_subset(spec: PipelineSpec, folder: Path, selection: str) -> dict[str, An
 
 
 def test_best(spec: PipelineSpec, folder: Path, checkpoint: str) -> dict[str, Any]:
-    """Test metrics of the checkpoint (the best-valid one of a fit)."""
+    """Test metrics of the checkpoint (the best-valid one of a fit) with the baselines on the same samples
+    (`test_metrics.json`, `test_report.md` in `folder`)."""
     trainer = _trainer(folder, spec.device, [], logger=CSVLogger(folder, name="logs"))
     metrics = trainer.test(spec.module(spec.train), datamodule=spec.datamodule(), ckpt_path=checkpoint)[0]
-    return {"metrics": {k: float(v) for k, v in metrics.items()}}
+    return {"metrics": {k: float(v) for k, v in metrics.items() if k.count("/") == 1},
+            "baselines": read_json(folder / "test_metrics.json")}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -309,22 +316,23 @@ def _fit(folder: Path, module: GRPOModule, dm: RecDataModule, stage: FitStage, d
             "adapter": str(folder / "adapter_best"), "global_step": trainer.global_step}
 
 
-def _report(result: dict[str, Any], score_dir: Path) -> str:
-    """report.md: metrics, per-stage wall time, the selection summary and the plots."""
-    metrics = result["test"]["metrics"]
+def _report(result: dict[str, Any], run: Path) -> str:
+    """report.md: test metrics against the baselines, per-stage wall time, the selection summary and the plots."""
     summary = result["score"]["summary"]
-    lines = ["# MiniRec pipeline report", "",
-             f"Loss implementation: `{result['loss_impl']}`.", "", "## Test metrics (best-valid checkpoint)", "",
-             "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]
+    lines = ["# MiniRec pipeline report", "", f"Loss implementation: `{result['loss_impl']}`.", "",
+             "## Test metrics (best-valid checkpoint) against baselines", "",
+             "`policy` is the trained policy; `zero_shot` the same model untrained (adapter off), same prompts; "
+             "`popularity` ranks by training-split counts; `random` is the expected value of a random ranking.", "",
+             (run / "test" / "test_report.md").read_text().split("\n", 2)[2].strip(), ""]
     lines += ["", "## Validation NDCG@10 (best)", "", "| stage | val/ndcg@10 | steps |", "|---|---|---|",
               f"| proxy | {result['proxy']['best_val_ndcg@10']:.4f} | {result['proxy']['global_step']} |",
               f"| train on selection | {result['train']['best_val_ndcg@10']:.4f} | {result['train']['global_step']} |",
               "", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result["seconds"].items()]
     lines += [f"| total | {sum(result['seconds'].values()):.1f} |", "", "## Selection", "", "```",
-              json.dumps(summary, indent=2, sort_keys=True, default=str), "```", ""]
-    for png in ("reward_hist.png", "l_vs_r.png", "selected_vs_pool.png", "curriculum.png"):
-        if (score_dir / png).is_file():
-            lines.append(f"![{png}](scores/{png})")
+              json.dumps(summary, indent=2, sort_keys=True, default=str), "```", "", "## Plots", ""]
+    for png in ("proxy/training_curves.png", "train/training_curves.png", "scores/reward_hist.png",
+                "scores/l_vs_r.png", "scores/selected_vs_pool.png", "scores/curriculum.png"):
+        if (run / png).is_file():
+            lines.append(f"![{png}]({png})")
     return "\n".join(lines) + "\n"

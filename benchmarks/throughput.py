@@ -41,7 +41,7 @@ from minirec.recpo import SamplingConfig
 COLUMNS = ("model", "measure", "batch", "group", "max_new_tokens", "runs", "seconds", "tokens", "tokens_per_s",
            "samples_per_s")  # fmt: skip
 PROCESSING = ProcessingConfig(dataset="movielens-100k", time_window=None, require_price=False, k_core=50)
-PROMPTS = PromptConfig(category="movies", item="movie", item_plural="movies", prompt_window=5, max_item_tokens=48)
+PROMPTS = PromptConfig(category="movies", item="movie", item_plural="movies", prompt_window=5, max_item_tokens=96)
 
 
 @dataclass(frozen=True)

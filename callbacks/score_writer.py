@@ -51,7 +51,8 @@ class ScoreWriter(BasePredictionWriter):
 
     Expects `trainer.predict(scoring_module, datamodule=dm)` where `predict_step` returns per batch a dict of tensors
     `sample_id` [B], `rewards` [B, N], `mean_reward` [B], `user_emb` [B, H] (diversity vector), `rep_vec` [B, D]
-    (representativeness vector u), the module has `scoring_config() -> dict`, and the datamodule has
+    (representativeness vector u), the module has `scoring_config() -> dict` (its `proxy`, the checkpoint or adapter
+    scored with, is recorded as the selections' `proxy_checkpoint`), and the datamodule has
     `processing.fingerprint()`, `predict_pool_ids()` and `exclude_predict_ids(done)` (RecDataModule).
 
     Writes into `output_dir`: `fingerprint.json`, `shards/`, `scores.csv`, `vectors.pt`, `selection_k{k}.json` per k,
@@ -70,7 +71,7 @@ class ScoreWriter(BasePredictionWriter):
         curriculum: `stages`, `folds` or `none` (`minirec_no_curriculum` always uses `none`).
         num_stages: curriculum stages (`stages` mode); at most the smallest k.
         fold_size: samples per fold (`folds` mode).
-        seed: seed of the `random` strategy and of the `folds` shuffle.
+        seed: seed of the `random` strategy (the `folds` order is fixed: METHOD.md §5.6).
         selection_dtype: dtype of the normalised embeddings in greedy selection (`float32`, `float16`, `bfloat16`).
     """
 
@@ -231,7 +232,7 @@ class ScoreWriter(BasePredictionWriter):
         error: Exception | None = None
         if trainer.is_global_zero:
             try:
-                self._merge(trainer.datamodule.predict_pool_ids(), pl_module)
+                self._merge(trainer.datamodule.predict_pool_ids())
             except Exception as e:
                 error = e
         message = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}", src=0)
@@ -267,7 +268,7 @@ class ScoreWriter(BasePredictionWriter):
         index = torch.tensor([first[s] for s in pool], dtype=torch.long)
         return {k: torch.cat([part[k] for part in parts])[index] for k in PREDICTION_FIELDS}
 
-    def _merge(self, pool: list[int], pl_module: L.LightningModule) -> None:
+    def _merge(self, pool: list[int]) -> None:
         table = self.merged_table(pool)
         ids, rewards, mean = table["sample_id"], table["rewards"].float(), table["mean_reward"].float()
         L_, R_ = learnability(mean, self.mu, self.sigma), representativeness(table["rep_vec"])
@@ -283,7 +284,7 @@ class ScoreWriter(BasePredictionWriter):
             selections[k] = {
                 "fingerprint": self.fingerprint["dataset"], **record,
                 "config": {**self.config(), "scoring": self.fingerprint["scoring"]},
-                "pool_size": len(pool), "proxy_checkpoint": pl_module.hparams.get("proxy_checkpoint"),
+                "pool_size": len(pool), "proxy_checkpoint": self.fingerprint["scoring"].get("proxy"),
             }
             per_k[str(k)] = {name: float(v[chosen].mean()) for name, v in
                              (("mean_reward", mean), ("mean_L", L_), ("mean_R", R_), ("mean_q", q))}

@@ -366,6 +366,13 @@ class RecDataModule(L.LightningDataModule):
         batch = self.collate([self.items[i - 1] for i in item_ids])
         return batch["prompt_ids"], batch["prompt_mask"]
 
+    def item_popularity(self) -> torch.Tensor:
+        """How often each item is a target in the whole training split: counts `[N+1]` (row 0, padding, is 0); the
+        popularity baseline's scores."""
+        counts = torch.bincount(torch.tensor(self.data["train"]["target"], dtype=torch.long), minlength=self.num_items + 1)
+        counts[0] = 0
+        return counts
+
     @property
     def num_items(self) -> int:
         """Catalogue size N (item ids 1..N; 0 is padding)."""

@@ -13,15 +13,26 @@ Checkpoints hold only the trainable (LoRA) weights with the optimizer and loop s
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import lightning as L
 import torch
 
-from minirec.io import DataError, allow_in_checkpoints
+from minirec.evaluation import (
+    bootstrap_intervals,
+    candidate_counts,
+    comparison_table,
+    metric_names,
+    per_sample_metrics,
+    random_expectation,
+)
+from minirec.io import DataError, allow_in_checkpoints, atomic_write_json, atomic_write_text
 from minirec.losses import (
     dedupe_targets,
     group_advantages,
@@ -30,9 +41,10 @@ from minirec.losses import (
     rec_infonce_loss,
     relabel_mask,
 )
-from minirec.metrics import RankingMetrics
+from minirec.metrics import RankingMetrics, TestRecords
 from minirec.policy import Policy, PolicyConfig
 from minirec.recpo import RewardConfig, SamplingConfig, score_rollouts
+from minirec.rewards import mask_history, target_rank
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,9 @@ class OptimConfig:
         relabel_topk: rollouts per group that receive the recommendation loss.
         kl_beta: weight of the KL to the frozen base model (0 = none, no reference forward).
         rec_loss_weight: weight of the recommendation loss in the total loss.
+        rec_negatives: negatives of the recommendation loss: `in_batch` (the method's: the other in-batch targets, and
+            other devices' targets) or `catalog` (also every other item of the cached, detached catalogue, history
+            masked; for small batches, where in-batch negatives are too few to rank the catalogue).
         loss_impl: intended (per-row advantages) or reference (the published code's broadcast; for parity only).
         catalog_refresh_every_n_steps: full catalogue re-encode period in steps (0 = only at train start/validation).
     """
@@ -70,6 +85,7 @@ class OptimConfig:
     relabel_topk: int = 1
     kl_beta: float = 0.0
     rec_loss_weight: float = 1.0
+    rec_negatives: str = "in_batch"
     loss_impl: str = "intended"
     catalog_refresh_every_n_steps: int = 0
 
@@ -78,6 +94,7 @@ class OptimConfig:
             "loss_agg": (self.loss_agg, ("token_mean", "seq_mean", "dr_grpo")),
             "advantage": (self.advantage, ("gaussian", "leave_one_out")),
             "loss_impl": (self.loss_impl, ("intended", "reference")),
+            "rec_negatives": (self.rec_negatives, ("in_batch", "catalog")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -101,6 +118,17 @@ def deepspeed_config(stage: int, grad_clip: float = 1.0) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Run the block with `module` in eval mode (no dropout), then restore its previous mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 class GRPOModule(L.LightningModule):
     """RecPO policy training and evaluation; see the module docstring for the feature list."""
 
@@ -112,6 +140,7 @@ class GRPOModule(L.LightningModule):
         optim: OptimConfig = OptimConfig(),
         eval_max_new_tokens: int = 256,
         ks: tuple[int, ...] = (5, 10, 20, 50),
+        test_baselines: bool = True,
     ) -> None:
         """
         Args:
@@ -121,6 +150,9 @@ class GRPOModule(L.LightningModule):
             optim: optimisation and loss settings.
             eval_max_new_tokens: longest greedy reasoning in validation / test / predict.
             ks: cut-offs of the NDCG@K / HR@K metrics.
+            test_baselines: test also the zero-shot policy (adapter off) and popularity on the same samples (the
+                random expectation is always reported); writes `test_report.md` / `test_metrics.json` with 95 %
+                bootstrap intervals to the trainer's `default_root_dir`.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -129,26 +161,33 @@ class GRPOModule(L.LightningModule):
         self.policy = Policy(**asdict(policy))
         self.sampling, self.reward, self.optim = sampling, reward, optim
         self.val_metrics = RankingMetrics(ks)
-        self.test_metrics = RankingMetrics(ks)
+        self.test_records = TestRecords()
         self.catalog: torch.Tensor | None = None  # [N+1, H], row 0 = padding
+        self.zero_shot_catalog: torch.Tensor | None = None  # [N+1, H], the base model's (adapter off), test only
+        self.popularity: torch.Tensor | None = None  # [N+1] training-split target counts, test only
 
     # -- catalogue ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_catalog(self, shard: bool = True) -> torch.Tensor:
-        """Encode all items: [N+1, H] (row 0 zeros). `shard`: split the items over ranks and all_gather (every rank must
-        call); otherwise this rank encodes the whole catalogue alone (no collectives)."""
+        """Encode all items in eval mode (no dropout, like user embeddings): [N+1, H] (row 0 zeros). `shard`: split the
+        items over ranks and all_gather (every rank must call); otherwise this rank encodes the whole catalogue alone
+        (no collectives). Non-finite embeddings raise FloatingPointError."""
         dm = self.trainer.datamodule
         n, bs = dm.num_items, dm.hparams.item_batch_size
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if shard else (1, 0)
         per_rank = math.ceil(n / world)
         mine = list(range(1 + rank * per_rank, 1 + min(n, (rank + 1) * per_rank)))
         chunks = []
-        for start in range(0, per_rank, bs):
-            ids = mine[start : start + bs]
-            prompt_ids, prompt_mask = dm.item_prompt_batch(ids or [1])  # equal call counts on every rank
-            emb = self.policy.encode(prompt_ids.to(self.device), prompt_mask.to(self.device)).float()
-            chunks.append(emb[: len(ids)])
+        with eval_mode(self.policy):
+            for start in range(0, per_rank, bs):
+                ids = mine[start : start + bs]
+                prompt_ids, prompt_mask = dm.item_prompt_batch(ids or [1])  # equal call counts on every rank
+                emb = self.policy.encode(prompt_ids.to(self.device), prompt_mask.to(self.device)).float()
+                chunks.append(emb[: len(ids)])
         local = torch.cat(chunks)
+        if not torch.isfinite(local).all():
+            bad = [mine[i] for i in torch.nonzero(~torch.isfinite(local).all(1)).flatten().tolist()[:5] if i < len(mine)]
+            raise FloatingPointError(f"non-finite item embeddings at global step {self.global_step}; item ids {bad}")
         padded = torch.zeros(per_rank, local.shape[1], device=self.device)
         padded[: len(local)] = local
         gathered = self.all_gather(padded) if world > 1 else padded[None]
@@ -172,6 +211,10 @@ class GRPOModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.catalog = self.encode_catalog()
+        if self.hparams.test_baselines:
+            with self.policy.model.disable_adapter():
+                self.zero_shot_catalog = self.encode_catalog()
+            self.popularity = self.trainer.datamodule.item_popularity().float().to(self.device)
 
     # -- training -------------------------------------------------------------------------------------------------
     def _micro_batches(self, rows: int) -> list[slice]:
@@ -221,10 +264,10 @@ class GRPOModule(L.LightningModule):
         uniq, t_index = dedupe_targets(target)
         rows, n_tok = seq.shape[0], comp_pos.sum().clamp(min=1)
         for _ in range(self.optim.ppo_epochs):
-            total = torch.zeros((), device=self.device)
+            total, tok_total, rec_total = (torch.zeros((), device=self.device) for _ in range(3))
             for sl in self._micro_batches(rows):
                 item_emb = self._item_embeddings(uniq)
-                extra, extra_ids = self._other_ranks(item_emb.detach(), uniq)
+                extra, extra_ids, extra_mask = self._extra_negatives(item_emb.detach(), uniq, history[sl])
                 lp, h_mb = self.policy.forward_sequences(seq[sl], mask[sl], comp_pos[sl])
                 old = lp.detach() if self.optim.ppo_epochs == 1 else old_lp[sl]
                 tok_loss, stats = policy_token_loss(
@@ -233,7 +276,8 @@ class GRPOModule(L.LightningModule):
                     kl_beta=self.optim.kl_beta, max_len=comp_pos.shape[1],
                 )
                 rec_loss = rec_infonce_loss(
-                    h_mb, item_emb, t_index[sl], rec_w[sl], self.reward.tau, extra, item_ids=uniq, extra_ids=extra_ids
+                    h_mb, item_emb, t_index[sl], rec_w[sl], self.reward.tau, extra, item_ids=uniq, extra_ids=extra_ids,
+                    extra_mask=extra_mask,
                 )
                 share = comp_pos[sl].sum() / n_tok if self.optim.loss_agg == "token_mean" else (sl.stop - sl.start) / rows
                 rec_share = (sl.stop - sl.start) / rows
@@ -241,12 +285,14 @@ class GRPOModule(L.LightningModule):
                 self._check_finite("loss", loss, batch)
                 self.manual_backward(loss)
                 total = total + loss.detach()
+                tok_total = tok_total + (tok_loss * share).detach()
+                rec_total = rec_total + (rec_loss * rec_share).detach()
             if self.optim.grad_clip > 0:
                 self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
             opt.step()
             opt.zero_grad()
         sched.step()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.policy):
             self.catalog[uniq] = self._item_embeddings(uniq).float()
 
         lengths = comp_mask.sum(1).float()
@@ -254,8 +300,11 @@ class GRPOModule(L.LightningModule):
         self.log_dict(
             {
                 "train/loss": total,
+                "train/token_loss": tok_total,
+                "train/rec_loss": rec_total,
                 "train/reward_mean": rewards.mean(),
                 "train/reward_std": rewards.std(unbiased=False),
+                "train/reward_group_std": groups.std(1, unbiased=False).mean(),
                 "train/reward_max": rewards.max(),
                 "train/adv_mean": adv.mean(),
                 "train/adv_abs_mean": adv.abs().mean(),
@@ -270,6 +319,19 @@ class GRPOModule(L.LightningModule):
             batch_size=batch["target"].shape[0],
         )
         self.log("reward", rewards.mean(), prog_bar=True, on_step=True, batch_size=batch["target"].shape[0])
+
+    def _extra_negatives(
+        self, item_emb: torch.Tensor, item_ids: torch.Tensor, history: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Detached extra negatives of the rec loss for rows with `history` `[R, L]`: embeddings `[E, H]`, ids `[E]` and
+        a per-row mask `[R, E]` (True = history item, not a negative), or Nones when there are none."""
+        if self.optim.rec_negatives == "catalog":
+            ids = torch.arange(1, self.catalog.shape[0], device=self.device)
+            mask = torch.zeros(history.shape[0], self.catalog.shape[0], dtype=torch.bool, device=self.device)
+            mask.scatter_(1, history.long(), True)
+            return self.catalog[1:], ids, mask[:, 1:]
+        extra, extra_ids = self._other_ranks(item_emb, item_ids)
+        return extra, extra_ids, None
 
     def _other_ranks(self, item_emb: torch.Tensor, item_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Detached embeddings [E, H] and ids [E] of the other ranks' in-batch targets (None, None on one device)."""
@@ -305,16 +367,25 @@ class GRPOModule(L.LightningModule):
         seq, mask, _ = self.policy.join(batch["prompt_ids"], batch["prompt_mask"], comp, comp_mask)
         return self.policy.encode(seq, mask).float(), seq, mask
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
+    def _ranks(self, catalog: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Greedy reasoning, user embeddings and the target's rank `[B]` against `catalog` (history masked)."""
         h, _, _ = self.user_embeddings(batch)
-        _, ranks = score_rollouts(h, self.catalog, batch["target"], batch["history"], self.reward)
-        metrics.update(ranks)
+        self._check_finite("user embedding", h, batch)
+        return score_rollouts(h, catalog, batch["target"], batch["history"], self.reward)[1]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics)
+        self.val_metrics.update(self._ranks(self.catalog, batch))
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics)
+        """Ranks of the policy, and with `test_baselines` of the zero-shot policy and popularity: `[B, M]`."""
+        target, history = batch["target"], batch["history"]
+        ranks = [self._ranks(self.catalog, batch)]
+        if self.hparams.test_baselines:
+            with self.policy.model.disable_adapter():
+                ranks.append(self._ranks(self.zero_shot_catalog, batch))
+            scores = mask_history(self.popularity.expand(len(target), -1), history, target)
+            ranks.append(target_rank(scores, target))
+        self.test_records.update(torch.stack(ranks, 1), candidate_counts(history, target, self.catalog.shape[0] - 1))
 
     def on_validation_epoch_end(self) -> None:
         for k, v in self.val_metrics.compute().items():
@@ -322,8 +393,29 @@ class GRPOModule(L.LightningModule):
         self.val_metrics.reset()
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()})
-        self.test_metrics.reset()
+        """Means of every method and their 95 % bootstrap intervals: logged (`test/<metric>` for the policy,
+        `test/<method>/<metric>` for the baselines) and written to `test_report.md` / `test_metrics.json`."""
+        ranks, candidates = self.test_records.compute()
+        self.test_records.reset()
+        ks, names = self.hparams.ks, metric_names(self.hparams.ks)
+        methods = ("policy", "zero_shot", "popularity")[: ranks.shape[1] if ranks.numel() else 1]
+        values = {m: per_sample_metrics(ranks[:, i], ks) for i, m in enumerate(methods)}
+        values["random"] = random_expectation(candidates, ks)
+        intervals = bootstrap_intervals(values, seed=0)
+        for method, (mean, _, _) in intervals.items():
+            prefix = "test/" if method == "policy" else f"test/{method}/"
+            self.log_dict({prefix + n: float(v) for n, v in zip(names, mean)})
+        if self.trainer.is_global_zero:
+            table = comparison_table(intervals, names, len(candidates))
+            out = Path(self.trainer.default_root_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "test_report.md", "# Test: policy against baselines\n\n" + table)
+            atomic_write_json(out / "test_metrics.json", {
+                "samples": len(candidates), "metrics": names,
+                "methods": {m: {n: {"mean": float(a), "lo": float(b), "hi": float(c)}
+                                for n, a, b, c in zip(names, mean, lo, hi)} for m, (mean, lo, hi) in intervals.items()},
+            })
+            print("\n" + table)
 
     # -- optimisation and checkpoints -----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

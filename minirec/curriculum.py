@@ -3,13 +3,15 @@
 - `stages` (default): sort by r̄ descending, cut into `num_stages` nearly equal consecutive chunks (stage 0 = easiest);
   stage s unlocks at epoch s·epochs_per_stage; `cumulative` pacing trains on all unlocked stages, `exclusive` on the
   current one only; after the last stage every selected sample is active.
-- `folds` (the published ordering): seeded shuffle, folds of `fold_size`, each fold sorted by r̄ descending, trained in
-  that fixed order every epoch (no shuffling); the stage index is the fold index.
+- `folds` (the published ordering, reproduced exactly): the ids in ascending order, shuffled by `random.Random(42)`
+  (= `random.seed(42); random.shuffle`), cut into K = max(1, n // fold_size) folds, each sorted by r̄ descending,
+  trained in that fixed order every epoch (no shuffling); independent of the run seed; stage index = fold index.
 - `none`: selection order, one stage.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Mapping, Sequence
 
 import torch
@@ -45,14 +47,14 @@ def build_curriculum(
     mode: str = "stages",
     num_stages: int = 4,
     fold_size: int = 64,
-    seed: int = 0,
 ) -> tuple[list[int], list[int]]:
     """Order the selected pool ids and give each a stage: -> (ordered ids, stage index per id), both of length k.
 
     selected: pool ids in selection order (unique). mean_rewards: a mapping pool id -> r̄, or a sequence / tensor
     aligned with `selected`. stages: stable sort by r̄ descending, `num_stages` chunks whose sizes differ by at most one
-    (larger ones first). folds: seeded shuffle, folds of `fold_size` (the last may be shorter), each sorted by r̄
-    descending; stage = fold index. none: selection order, all stage 0.
+    (larger ones first). folds: the ids in ascending order shuffled by `random.Random(42)`, K = max(1, n // fold_size)
+    folds of n // K ids (the last takes the remainder), each stably sorted by r̄ descending; stage = fold index.
+    none: selection order, all stage 0.
     """
     ids = [int(i) for i in torch.as_tensor(selected).reshape(-1).tolist()]
     if not ids:
@@ -72,11 +74,13 @@ def build_curriculum(
     if mode == "folds":
         if fold_size < 1:
             raise DataError(f"curriculum fold_size must be >= 1, got {fold_size}")
-        perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
-        shuffled = [ids[p] for p in perm]
+        shuffled = sorted(ids)
+        random.Random(42).shuffle(shuffled)
+        num_folds = max(1, len(ids) // fold_size)
+        size = len(ids) // num_folds
         ordered, stages = [], []
-        for f, start in enumerate(range(0, len(shuffled), fold_size)):
-            fold = _by_reward_desc(shuffled[start : start + fold_size], rewards)
+        for f in range(num_folds):
+            fold = _by_reward_desc(shuffled[f * size : None if f == num_folds - 1 else (f + 1) * size], rewards)
             ordered += fold
             stages += [f] * len(fold)
         return ordered, stages
@@ -133,15 +137,16 @@ def selection_records(
 ) -> tuple[torch.Tensor, dict[int, dict]]:
     """One selection for max(ks) (smaller ks are its prefixes), each with its curriculum.
 
-    ids `[N]` pool sample ids, mean_rewards `[N]` r̄; `scores` are `select`'s L, R, emb, alpha, dtype. Returns the pool
-    indices `[max(ks)]` in selection order and, per k, the selection-file fields `ids` (curriculum order), `stages`,
-    `curriculum`, `k`, `strategy`, `selection_order` (sample ids in selection order).
+    ids `[N]` pool sample ids, mean_rewards `[N]` r̄; `seed` is the `random` strategy's (curricula do not use it);
+    `scores` are `select`'s L, R, emb, alpha, dtype. Returns the pool indices `[max(ks)]` in selection order and, per
+    k, the selection-file fields `ids` (curriculum order), `stages`, `curriculum`, `k`, `strategy`, `selection_order`
+    (sample ids in selection order).
     """
     order = select(strategy, max(ks), mean_rewards=mean_rewards, seed=seed, **scores)
     records = {}
     for k in ks:
         chosen = order[:k]
-        ordered, stages = build_curriculum(ids[chosen], mean_rewards[chosen], mode, num_stages, fold_size, seed)
+        ordered, stages = build_curriculum(ids[chosen], mean_rewards[chosen], mode, num_stages, fold_size)
         records[k] = {"ids": ordered, "stages": stages, "curriculum": mode, "k": k, "strategy": strategy,
                       "selection_order": ids[chosen].tolist()}
     return order, records

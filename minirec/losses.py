@@ -128,6 +128,7 @@ def rec_infonce_loss(
     extra_negatives: torch.Tensor | None = None,
     item_ids: torch.Tensor | None = None,
     extra_ids: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted InfoNCE of each user embedding against the in-batch target items (+ detached extra negatives).
 
@@ -135,7 +136,8 @@ def rec_infonce_loss(
     into item_emb; weights `[R]` (A * relabel); extra_negatives `[E, H]` (e.g. gathered from other devices; always
     detached). Logits are cos / tau over the M + E candidates. Loss = sum_r w_r * CE_r / R: the normaliser is the number
     of rows R, zero-weight rows included. When item_ids `[M]` and extra_ids `[E]` are given, extra negatives that repeat
-    an in-batch item or an earlier extra negative are dropped, so no item is a candidate twice.
+    an in-batch item or an earlier extra negative are dropped, so no item is a candidate twice. extra_mask `[R, E]`
+    (True = not a candidate of that row) drops per-row extra negatives, e.g. the row's history items.
     """
     if tau <= 0:
         raise DataError(f"tau must be > 0, got {tau}")
@@ -150,6 +152,9 @@ def rec_infonce_loss(
     logits = F.normalize(user_emb.float(), dim=-1) @ F.normalize(candidates, dim=-1).T / tau
     if drop is not None:
         logits = logits.masked_fill(drop[None, :], float("-inf"))
+    if extra_mask is not None:
+        row_drop = torch.cat([extra_mask.new_zeros(extra_mask.shape[0], item_emb.shape[0]), extra_mask.bool()], dim=1)
+        logits = logits.masked_fill(row_drop, float("-inf"))
     ce = F.cross_entropy(logits, target_index.long(), reduction="none")
     return (weights.float() * ce).sum() / user_emb.shape[0]
 

@@ -7,8 +7,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torchmetrics import Metric
 
+from minirec.evaluation import per_sample_metrics
 from minirec.io import DataError
-from minirec.rewards import ndcg_at_rank
 
 
 class RankingMetrics(Metric):
@@ -37,12 +37,12 @@ class RankingMetrics(Metric):
 
     def update(self, rank: torch.Tensor) -> None:
         """Add a batch of 1-based target ranks `[R]`."""
-        rank = rank.reshape(-1, 1).to(self.ndcg_sum.device)
-        ks = torch.tensor(self.ks, device=rank.device)
+        values = per_sample_metrics(rank.to(self.ndcg_sum.device), self.ks).sum(dim=0)  # [2K]: NDCG sums, hits
+        n = len(self.ks)
         # out-of-place: states reset under Lightning's inference mode must not be updated in place outside it
-        self.ndcg_sum = self.ndcg_sum + ndcg_at_rank(rank, ks).sum(dim=0)
-        self.hit_sum = self.hit_sum + (rank <= ks).sum(dim=0)
-        self.count = self.count + rank.shape[0]
+        self.ndcg_sum = self.ndcg_sum + values[:n]
+        self.hit_sum = self.hit_sum + values[n:].round().long()
+        self.count = self.count + rank.numel()
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> RankingMetrics:
         """Keep the NDCG sum float32 when the module is cast (Lightning's bf16-true calls `.to(torch.bfloat16)`)."""
@@ -58,3 +58,26 @@ class RankingMetrics(Metric):
         out = {f"ndcg@{k}": ndcg[i] for i, k in enumerate(self.ks)}
         out.update({f"hr@{k}": hit[i] for i, k in enumerate(self.ks)})
         return out
+
+
+class TestRecords(Metric):
+    """Per-sample test records gathered over devices (cat states): ranks of several methods and candidate counts.
+
+    `update(ranks [B, M], candidates [B])`; `compute()` -> (ranks `[S, M]`, candidates `[S]`), empty when nothing was
+    updated. M is fixed by the caller (e.g. policy, zero-shot, popularity).
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("ranks", default=[], dist_reduce_fx="cat")
+        self.add_state("candidates", default=[], dist_reduce_fx="cat")
+
+    def update(self, ranks: torch.Tensor, candidates: torch.Tensor) -> None:
+        self.ranks.append(ranks.long())
+        self.candidates.append(candidates.long())
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cat = lambda x: x if isinstance(x, torch.Tensor) else torch.cat(x) if x else torch.zeros(0, dtype=torch.long)  # noqa: E731
+        return cat(self.ranks), cat(self.candidates)

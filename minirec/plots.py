@@ -128,3 +128,38 @@ def curriculum_order(mean_rewards: Any, stages: Any, path: str | os.PathLike) ->
     ax.set(xlabel="position in curriculum", ylabel="mean reward r̄", title=f"curriculum of {r.size} samples")
     fig.tight_layout()
     _save(fig, path)
+
+
+TRAINING_CURVES = (
+    ("train/reward_mean", "mean reward"),
+    ("train/reward_group_std", "reward spread within groups"),
+    ("train/zero_spread_groups", "share of zero-spread groups"),
+    ("train/rec_loss", "rec loss (weighted)"),
+    ("train/token_loss", "token loss"),
+    ("train/completion_len", "completion length (tokens)"),
+)
+
+
+def training_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Per-step learning signals from a CSVLogger `metrics.csv` (the `TRAINING_CURVES` columns against the step), with
+    validation NDCG@10 on the reward panel's second axis when present."""
+    import csv
+
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise DataError(f"{metrics_csv}: no logged steps to plot")
+    fig = Figure(figsize=(12, 6))
+    axes = fig.subplots(2, 3).reshape(-1)
+    for ax, (key, title) in zip(axes, TRAINING_CURVES):
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", color=SELECTED_COLOR)
+        ax.set(title=title, xlabel="step")
+    val = [(int(r["step"]), float(r["val/ndcg@10"])) for r in rows if r.get("val/ndcg@10") not in (None, "")]
+    if val:
+        twin = axes[0].twinx()
+        twin.plot(*zip(*val), marker="s", color=POOL_COLOR, label="val NDCG@10")
+        twin.legend(loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)

@@ -1,7 +1,8 @@
 """The one policy wrapper used by training, scoring and evaluation (METHOD.md §1, §3, §4).
 
 A causal LM with a LoRA adapter (PEFT) that
-- generates reasoning that stops at the first answer marker (the marker is appended when the model never writes it),
+- generates reasoning that stops at the first answer marker in its text and ends with the marker's own token ids
+  (appended when the model never writes the marker),
 - scores sequences: per-token log-probs of completion tokens and the user / item embedding, the final-norm hidden state
   at the last token, in one forward pass,
 - saves and loads only the LoRA weights (as a state dict for checkpoints, or as a PEFT adapter folder).
@@ -32,32 +33,45 @@ def _upcast(x: Tensor) -> Tensor:
 
 
 class MarkerStop(StoppingCriteria):
-    """Stops a row once its generated tokens (after the first `prompt_len` columns) end with `marker_ids`."""
+    """Stops a row once the text of its generated tokens (after the first `prompt_len` columns) contains `marker`.
 
-    def __init__(self, marker_ids: Sequence[int], prompt_len: int, device: torch.device | str = "cpu") -> None:
-        self.marker = torch.tensor(list(marker_ids), device=device)
-        self.prompt_len = prompt_len
+    Matches text, not token ids: inside text the marker tokenizes differently (" <answer>" is [' <', 'answer', '>'],
+    "<answer>" alone ['<', 'answer', '>']). Checked every step, so a new marker ends in the newest token; only the
+    last len(marker in UTF-8) + 2 tokens are decoded (each token holds at least one byte of text).
+    """
+
+    def __init__(self, tokenizer, marker: str, prompt_len: int) -> None:
+        self.tokenizer, self.marker, self.prompt_len = tokenizer, marker, prompt_len
+        self.tail = len(marker.encode()) + 2
 
     def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs) -> Tensor:
-        m = len(self.marker)
-        if input_ids.shape[1] - self.prompt_len < m:
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        return (input_ids[:, -m:] == self.marker).all(dim=1)
+        """input_ids `[R, L]` -> done `[R]` (bool)."""
+        start = max(self.prompt_len, input_ids.shape[1] - self.tail)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:].tolist())
+        return torch.tensor([self.marker in t for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
-def finish_completion(tokens: Sequence[int], marker_ids: Sequence[int], stop_ids: set[int]) -> list[int]:
-    """Generated tokens -> the completion: cut at the first stop (EOS) token, keep up to and including the first
-    marker, append the marker when it never appears."""
-    tokens = list(tokens)
-    for i, t in enumerate(tokens):
-        if t in stop_ids:
-            tokens = tokens[:i]
-            break
-    marker, m = list(marker_ids), len(marker_ids)
-    for i in range(len(tokens) - m + 1):
-        if tokens[i : i + m] == marker:
-            return tokens[: i + m]
-    return tokens + marker
+def finish_completion(tokens: Sequence[int], tokenizer, marker: str, stop_ids: set[int]) -> list[int]:
+    """Generated token ids -> the completion, which always ends with the marker's own ids
+    (`tokenizer(marker, add_special_tokens=False)`) and holds nothing after them.
+
+    Cut at the first stop (EOS) token, then at the first occurrence of the marker TEXT in the decoded tokens: the
+    tokens whose text lies wholly before the marker are kept as generated, the text between them and the marker (the
+    space of ' <', the '.' of '.<') is re-encoded, and the marker ids follow. So the completion decodes to exactly
+    the generated text up to and including its first marker, whitespace before the marker kept. Without a marker, the
+    marker ids are appended.
+    """
+    tokens = list(tokens)[: next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))]
+    marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(tokens)
+    at = text.find(marker)
+    if at < 0:
+        return tokens + marker_ids
+    before, k = text[:at], len(tokens)
+    while not before.startswith(head := tokenizer.decode(tokens[:k])):  # k = 0 decodes to "" and ends the loop
+        k -= 1
+    rest = before[len(head) :]
+    return tokens[:k] + (tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []) + marker_ids
 
 
 class Policy(torch.nn.Module):
@@ -102,6 +116,7 @@ class Policy(torch.nn.Module):
             raise DataError(f"model.logprob_chunk_size={logprob_chunk_size}: must be >= 1")
         path = resolve_pretrained(pretrained)
         self.tokenizer = load_tokenizer(path)
+        self.answer_marker = answer_marker
         self.marker_ids: list[int] = self._marker_ids(answer_marker)
         try:
             base = AutoModelForCausalLM.from_pretrained(
@@ -164,9 +179,10 @@ class Policy(torch.nn.Module):
         """Sample `num_samples` completions per left-padded prompt `[B, P]`, each ending with the first marker.
 
         Returns completion_ids `[B x G, T]` right-padded with the pad token (row b*G+g is sample g of prompt b) and
-        completion_mask `[B x G, T]`, T <= max_new_tokens + len(marker). Greedy when `do_sample` is False (decoded once
-        per prompt, repeated G times). Runs in eval mode (no dropout) and restores the previous mode; seed with
-        `torch.manual_seed` for reproducible samples.
+        completion_mask `[B x G, T]`, T <= max_new_tokens + len(marker ids) (plus the text re-encoded before a marker
+        that starts inside a token, usually one token; see `finish_completion`). Greedy when `do_sample` is False
+        (decoded once per prompt, repeated G times). Runs in eval mode (no dropout) and restores the previous mode;
+        seed with `torch.manual_seed` for reproducible samples.
         """
         pad = self.tokenizer.pad_token_id
         stop_ids = self._stop_ids
@@ -176,7 +192,7 @@ class Policy(torch.nn.Module):
             pad_token_id=pad, eos_token_id=sorted(stop_ids), bos_token_id=self.tokenizer.bos_token_id, use_cache=True,
             repetition_penalty=1.0, **sampling,  # a hub generation_config's penalty would otherwise apply
         )
-        stop = StoppingCriteriaList([MarkerStop(self.marker_ids, input_ids.shape[1], input_ids.device)])
+        stop = StoppingCriteriaList([MarkerStop(self.tokenizer, self.answer_marker, input_ids.shape[1])])
         was_training = self.training
         self.eval()
         try:
@@ -187,7 +203,9 @@ class Policy(torch.nn.Module):
             self.train(was_training)
         if not do_sample:
             out = out.repeat_interleave(num_samples, dim=0)
-        rows = [finish_completion(r, self.marker_ids, stop_ids) for r in out[:, input_ids.shape[1] :].tolist()]
+        cut = stop_ids | {pad}  # generate pads the rows that stopped early
+        new = out[:, input_ids.shape[1] :].tolist()
+        rows = [finish_completion(r, self.tokenizer, self.answer_marker, cut) for r in new]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

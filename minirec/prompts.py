@@ -2,12 +2,14 @@
 
 User prompt: an instruction, then one line per history item for the last `prompt_window` items (time since that
 interaction relative to the target time, title in brackets, rating out of 5). Item prompt: an instruction, then Title /
-User Rating / Number of Buyers / Description lines (lines whose value is missing are left out), ending in the marker.
+User Rating / Number of Buyers / Description lines (lines whose value is missing are left out), ending in the marker;
+a long one loses words from the end of these lines, never any of the chat template.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import string
 from dataclasses import dataclass
 from typing import Sequence
@@ -36,7 +38,8 @@ class PromptConfig:
         answer_marker: the text that ends reasoning; its hidden state is the user or item embedding.
         prompt_window: how many of the most recent history items the user prompt shows.
         max_prompt_tokens: longest user prompt in tokens; the oldest history lines are dropped to fit.
-        max_item_tokens: longest item prompt in tokens (longer ones are cut before the marker).
+        max_item_tokens: longest item prompt in tokens, chat template and marker included (the paper's 768); longer
+            ones keep fewer words of the Title / ... / Description lines, cut from the end (the description first).
         description_words: item descriptions are cut to this many words.
     """
 
@@ -48,7 +51,7 @@ class PromptConfig:
     answer_marker: str = "<answer>"
     prompt_window: int = 5
     max_prompt_tokens: int = 384
-    max_item_tokens: int = 192
+    max_item_tokens: int = 768
     description_words: int = 100
 
 
@@ -79,8 +82,9 @@ def _present(x: object) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x)) and x != ""
 
 
-def item_text(cfg: PromptConfig, title: str, average_rating: float | None, rating_number: float | None, description: str) -> str:
-    """The item prompt's user text: the instruction and the lines whose values exist."""
+def item_fields(cfg: PromptConfig, title: str, average_rating: float | None, rating_number: float | None,
+                description: str) -> str:
+    """The Title / User Rating / Number of Buyers / Description lines whose values exist."""
     fields = [f"Title: {title}"]
     if _present(average_rating):
         fields.append(f"User Rating: {float(average_rating):.1f}")
@@ -89,7 +93,12 @@ def item_text(cfg: PromptConfig, title: str, average_rating: float | None, ratin
     if _present(description):
         words = str(description).split()
         fields.append("Description: " + " ".join(words[: cfg.description_words]))
-    return cfg.item_template.format(item=cfg.item, fields="\n".join(fields))
+    return "\n".join(fields)
+
+
+def item_text(cfg: PromptConfig, fields: str) -> str:
+    """The item prompt's user text: the instruction and the field lines."""
+    return cfg.item_template.format(item=cfg.item, fields=fields)
 
 
 def user_text(cfg: PromptConfig, lines: Sequence[str]) -> str:
@@ -127,6 +136,10 @@ class PromptBuilder:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.marker_ids: list[int] = tokenizer(cfg.answer_marker, add_special_tokens=False)["input_ids"]
+        least = len(self._item_ids(""))
+        if least > cfg.max_item_tokens:
+            raise DataError(f"prompts.max_item_tokens={cfg.max_item_tokens}: the item prompt without any fields (chat "
+                            f"template, instruction, marker) already takes {least} tokens; set it to at least {least}")
 
     def user_prompt_ids(self, titles: Sequence[str], ratings, timestamps, target_timestamp: int) -> list[int]:
         """Chat-rendered user prompt for the last `prompt_window` history items; oldest lines dropped to fit the budget."""
@@ -138,8 +151,27 @@ class PromptBuilder:
                 return ids
             lines = lines[1:]
 
+    def _item_ids(self, fields: str) -> list[int]:
+        """Chat-rendered item prompt with these field lines, followed by the marker."""
+        return render_chat(self.tokenizer, item_text(self.cfg, fields)) + self.marker_ids
+
     def item_prompt_ids(self, title: str, average_rating, rating_number, description: str) -> list[int]:
-        """Chat-rendered item prompt followed by the marker; cut before the marker to `max_item_tokens`."""
-        ids = render_chat(self.tokenizer, item_text(self.cfg, title, average_rating, rating_number, description))
-        keep = max(1, self.cfg.max_item_tokens - len(self.marker_ids))
-        return ids[:keep] + self.marker_ids
+        """Chat-rendered item prompt followed by the marker, at most `max_item_tokens` long.
+
+        A longer one keeps the most words of its field lines that fit (binary search over words kept, counted from the
+        start: the description loses its end first, then the lines above it), so the chat template (end of turn,
+        generation prompt) and the marker always stay whole; with no words kept it fits, as checked in `__init__`.
+        """
+        fields = item_fields(self.cfg, title, average_rating, rating_number, description)
+        ids = self._item_ids(fields)
+        if len(ids) <= self.cfg.max_item_tokens:
+            return ids
+        ends = [0] + [m.end() for m in re.finditer(r"\S+", fields)]  # fields[: ends[k]] = the first k words
+        lo, hi = 0, len(ends) - 2  # lo words fit; all len(ends) - 1 do not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(self._item_ids(fields[: ends[mid]])) <= self.cfg.max_item_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        return self._item_ids(fields[: ends[lo]])

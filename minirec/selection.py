@@ -2,7 +2,8 @@
 
 Pure torch, any device. Pool size N; every score vector is `[N]` and aligned with the pool.
 
-- Learnability L = min-max(exp(-(r̄ - mu)^2 / (2 sigma^2))), sigma = population std of r̄ over the pool by default.
+- Learnability L = min-max(exp(-(r̄ - mu)^2 / (2 sigma^2))), sigma = population std of r̄ over the pool by default,
+  computed in a form that cannot underflow.
 - Representativeness R = min-max((cos(u, mean u) + 1) / 2), u = H·g per sample, computed in the hidden space
   (`hidden_hvp_vectors`, cheap) or in the LoRA parameter space (`parameter_space_vector` + `RademacherProjection`).
 - Value q = alpha·L + R; greedy selection maximises v(x)·q(x), v = min cosine distance to the selected set divided
@@ -75,20 +76,29 @@ def min_max(x: torch.Tensor) -> torch.Tensor:
 
 
 def learnability(mean_rewards: torch.Tensor, mu: float = 0.5, sigma: float | None = None) -> torch.Tensor:
-    """L = min-max(exp(-(r̄ - mu)^2 / (2 sigma^2))) over the pool: mean_rewards `[N]` -> `[N]` in [0, 1].
+    """L = min-max(exp(z)) over the pool, z = -(r̄ - mu)^2 / (2 sigma^2): mean_rewards `[N]` -> `[N]` in [0, 1].
 
     sigma=None uses the population standard deviation of r̄ over the pool (numpy's `std`, as the published code);
-    if that is 0 every sample is alike and all scores are 1. A fixed sigma must be > 0.
+    if every r̄ is equal (std 0) every sample is alike and all scores are 1. A fixed sigma must be > 0.
+    exp(z) itself underflows for a weak proxy or a small sigma (to 0 below z ≈ -104 in float32, -745 in float64), so
+    L is computed in float64 as (e^z - e^lo) / (e^hi - e^lo) = e^(z - hi) · (1 - e^(lo - z)) / (1 - e^(lo - hi)),
+    lo / hi = min / max of z: exact up to rounding for any z (a constant z gives all ones, as `min_max`).
     """
     r = _vector(mean_rewards, "mean_rewards")
-    r = r.to(torch.promote_types(r.dtype, torch.float32))
+    dtype = torch.promote_types(r.dtype, torch.float32)
+    r64 = r.to("cpu", torch.float64)  # N values; float64 is missing on some devices (MPS)
     if sigma is None:
-        sigma = float(r.std(correction=0)) if r.numel() > 1 else 0.0
-        if sigma == 0.0:
-            return torch.ones_like(r)
+        if r64.min() == r64.max():
+            return torch.ones_like(r, dtype=dtype)
+        sigma = float(r64.std(correction=0))
     elif not sigma > 0 or not math.isfinite(sigma):
         raise DataError(f"learnability sigma must be a positive number or null (pool std), got {sigma}")
-    return min_max(torch.exp(-((r - mu) ** 2) / (2.0 * sigma**2)))
+    z = -((r64 - mu) ** 2) / (2.0 * sigma**2)
+    lo, hi = z.min(), z.max()
+    if lo == hi:
+        return torch.ones_like(r, dtype=dtype)
+    L = torch.exp(z - hi) * torch.expm1(lo - z) / torch.expm1(lo - hi)
+    return L.to(r.device, dtype)
 
 
 def _hidden_rec_loss(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import random
 
 import pytest
 import torch
 
-from minirec.curriculum import active_ids, build_curriculum, current_stage
+from minirec.curriculum import active_ids, build_curriculum, current_stage, selection_records
 from minirec.io import DataError
 
 SELECTED = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]  # pool ids in selection order
@@ -33,23 +33,61 @@ def test_stages_sort_and_chunking() -> None:
     assert build_curriculum(SELECTED, REWARDS, num_stages=3)[1] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
-def test_folds_fixed_seed() -> None:
-    ids, stages = build_curriculum(SELECTED, REWARDS, mode="folds", fold_size=4, seed=3)
+def _published_folds(ids: list[int], reward: dict[int, float]) -> list[int]:
+    """The published ordering, literally: ascending ids, random.seed(42); random.shuffle, K = n // 64 folds of n // K
+    (the last takes the rest), each sorted by r̄ descending."""
+    state = random.getstate()
+    ids = sorted(ids)
+    random.seed(42)
+    random.shuffle(ids)
+    random.setstate(state)
+    num_folds = max(1, len(ids) // 64)
+    size = len(ids) // num_folds
+    ordered = []
+    for f in range(num_folds):
+        fold = ids[f * size :] if f == num_folds - 1 else ids[f * size : (f + 1) * size]
+        ordered += sorted(fold, key=lambda i: reward[i], reverse=True)
+    return ordered
+
+
+def test_seeded_random_instance_equals_global_seed() -> None:
+    ids, state = list(range(300)), random.getstate()
+    random.seed(42)
+    random.shuffle(ids)
+    random.setstate(state)
+    other = list(range(300))
+    random.Random(42).shuffle(other)
+    assert other == ids
+
+
+@pytest.mark.parametrize("n,fold_sizes", [(256, [64] * 4), (200, [66, 66, 68]), (100, [100]), (40, [40])])
+def test_folds_reproduce_the_published_order(n: int, fold_sizes: list[int]) -> None:
+    g = torch.Generator().manual_seed(n)
+    pool_ids = (torch.randperm(5 * n, generator=g)[:n] + 1000).tolist()  # selection order, not ascending
+    rewards = (torch.randint(0, 5, (n,), generator=g) / 4).tolist()  # many ties: the fold sort must be stable
+    reward = dict(zip(pool_ids, rewards))
+    ids, stages = build_curriculum(pool_ids, rewards, mode="folds")
+    assert ids == _published_folds(pool_ids, reward)
+    assert stages == [f for f, size in enumerate(fold_sizes) for _ in range(size)]
+    perm = torch.randperm(n, generator=g).tolist()  # another selection order of the same ids
+    assert build_curriculum([pool_ids[p] for p in perm], reward, mode="folds") == (ids, stages)
+    # the run seed (of the random strategy) does not move the fold order
+    for seed in (0, 1, 7):
+        _, records = selection_records("learnability", [n], torch.tensor(pool_ids), torch.tensor(rewards),
+                                       mode="folds", seed=seed, L=torch.tensor(rewards))
+        assert (records[n]["ids"], records[n]["stages"]) == (ids, stages)
+
+
+def test_folds_with_other_fold_sizes() -> None:
+    # 10 ids, fold_size 4 -> K = 2 folds of 5; fold_size 64 -> one fold: a plain stable sort by r̄
+    ids, stages = build_curriculum(SELECTED, REWARDS, mode="folds", fold_size=4)
     rewards = dict(zip(SELECTED, REWARDS))
-    assert Counter(ids) == Counter(SELECTED)  # same multiset
-    assert stages == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]  # folds of 4, 4 and the remaining 2
-    # each fold holds the ids of the seeded shuffle's chunk, sorted by r̄ descending
-    perm = torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
-    shuffled = [SELECTED[p] for p in perm]
-    for start in range(0, 10, 4):
-        fold = ids[start : start + 4]
-        assert set(fold) == set(shuffled[start : start + 4])
-        assert [rewards[i] for i in fold] == sorted((rewards[i] for i in fold), reverse=True)
-    assert build_curriculum(SELECTED, REWARDS, mode="folds", fold_size=4, seed=3) == (ids, stages)
-    assert build_curriculum(SELECTED, REWARDS, mode="folds", fold_size=4, seed=4)[0] != ids
-    # one fold as large as the selection: a plain sort by r̄ (ties in shuffled order)
-    one_ids, one_stages = build_curriculum(SELECTED, REWARDS, mode="folds", fold_size=64)
-    assert [rewards[i] for i in one_ids] == sorted(REWARDS, reverse=True) and one_stages == [0] * 10
+    shuffled = sorted(SELECTED)
+    random.Random(42).shuffle(shuffled)
+    assert stages == [0] * 5 + [1] * 5
+    assert ids == sorted(shuffled[:5], key=lambda i: -rewards[i]) + sorted(shuffled[5:], key=lambda i: -rewards[i])
+    one_ids, one_stages = build_curriculum(SELECTED, REWARDS, mode="folds")
+    assert one_ids == sorted(shuffled, key=lambda i: -rewards[i]) and one_stages == [0] * 10
 
 
 def test_none_keeps_selection_order() -> None:

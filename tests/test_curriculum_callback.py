@@ -76,7 +76,7 @@ def selection(path: Path, sample_ids: list[int], mode: str) -> tuple[list[int], 
     """Write a selection file of K training samples with made-up rewards; -> (ordered ids, stages)."""
     ids = sample_ids[:K]
     rewards = [((7 * i) % 13) / 13 for i in range(K)]
-    ordered, stages = build_curriculum(ids, rewards, mode, num_stages=STAGES, fold_size=4, seed=1)
+    ordered, stages = build_curriculum(ids, rewards, mode, num_stages=STAGES, fold_size=4)
     path.write_text(json.dumps({"fingerprint": SYNTH.fingerprint(), "ids": ordered, "stages": stages,
                                 "curriculum": mode}))
     return ordered, stages

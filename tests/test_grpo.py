@@ -119,3 +119,87 @@ def test_shipped_deepspeed_presets_match_the_recpo_config() -> None:
     for stage in (2, 3):
         preset = yaml.safe_load((Path(__file__).parents[1] / f"configs/strategy/deepspeed-zero{stage}.yaml").read_text())
         assert preset["trainer"]["strategy"]["init_args"]["config"] == deepspeed_config(stage)
+
+
+class CatalogProbe(L.Callback):
+    """At batch 2 (after two updates, so LoRA is no longer a no-op): the cached catalogue and two fresh encodings; the
+    targets of batch 1, whose catalogue rows were refreshed after the last update."""
+
+    def __init__(self) -> None:
+        self.cached = self.first = self.second = self.refreshed = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            self.refreshed = batch["target"].unique()
+        if batch_idx == 2:
+            assert pl_module.policy.training  # fitting: LoRA dropout is active for the policy's own forward passes
+            self.cached = pl_module.catalog.clone()
+            self.first, self.second = pl_module.encode_catalog(), pl_module.encode_catalog()
+
+
+def test_catalog_is_encoded_in_eval_mode_during_fit(tmp_path: Path) -> None:
+    """Two encodings of the catalogue during a fit are equal (no dropout), and the rows refreshed after each step are
+    the eval-mode encodings too (regression: the catalogue was encoded with LoRA dropout on)."""
+    L.seed_everything(0)
+    module = GRPOModule(
+        policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.5),
+        sampling=SamplingConfig(group_size=2, max_new_tokens=4), optim=OptimConfig(lr=3e-2, micro_batch_size=8),
+        eval_max_new_tokens=4,
+    )
+    probe = CatalogProbe()
+    trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[probe], enable_checkpointing=False).fit(
+        module, datamodule=make_dm(tmp_path))
+    assert torch.equal(probe.first, probe.second)
+    rows = probe.refreshed
+    assert torch.allclose(probe.cached[rows], probe.first[rows], atol=1e-5)  # the per-step refresh is eval mode too
+
+
+def test_non_finite_embeddings_in_evaluation_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN user embeddings in validation raise with step and sample ids (regression: rank 0 gave NDCG = inf, HR = 1);
+    NaN item embeddings raise when the catalogue is encoded."""
+    module = make_module()
+    real = module.user_embeddings
+
+    def nan_users(batch):
+        h, seq, mask = real(batch)
+        return torch.full_like(h, float("nan")), seq, mask
+
+    monkeypatch.setattr(module, "user_embeddings", nan_users)
+    with pytest.raises(FloatingPointError, match=r"non-finite user embedding at global step 0; sample ids \[\d+"):
+        trainer(tmp_path, limit_val_batches=1).validate(module, datamodule=make_dm(tmp_path), verbose=False)
+    monkeypatch.undo()
+    module = make_module()
+    monkeypatch.setattr(module.policy, "encode", lambda ids, mask: torch.full((ids.shape[0], 64), float("nan")))
+    with pytest.raises(FloatingPointError, match=r"non-finite item embeddings at global step 0; item ids \[1"):
+        trainer(tmp_path, limit_val_batches=1).validate(module, datamodule=make_dm(tmp_path), verbose=False)
+
+
+def test_test_reports_policy_against_baselines(tmp_path: Path) -> None:
+    """`trainer.test` gives the policy, zero-shot, popularity and random rows on the same samples with intervals; an
+    untrained policy equals zero-shot, popularity matches a by-hand ranking, and random matches its closed form."""
+    from minirec.evaluation import random_expectation
+
+    L.seed_everything(0)
+    dm = make_dm(tmp_path, max_test_samples=24)
+    out = trainer(tmp_path).test(make_module(), datamodule=dm, verbose=False)[0]
+    report = __import__("json").loads((tmp_path / "test_metrics.json").read_text())
+    assert report["samples"] == 24 and set(report["methods"]) == {"policy", "zero_shot", "popularity", "random"}
+    assert (tmp_path / "test_report.md").read_text().count("[") >= 4 * 8
+    for name in ("ndcg@10", "hr@50"):
+        pol, zs = report["methods"]["policy"][name], report["methods"]["zero_shot"][name]
+        assert pol == zs  # the adapter starts as a no-op
+        assert pol["lo"] <= pol["mean"] <= pol["hi"]
+        assert out[f"test/{name}"] == pytest.approx(pol["mean"])
+        assert out[f"test/popularity/{name}"] == pytest.approx(report["methods"]["popularity"][name]["mean"])
+
+    counts = dm.item_popularity().float()
+    hits, cands = [], []
+    for batch in dm.test_dataloader():
+        for t, hist in zip(batch["target"].tolist(), batch["history"].tolist()):
+            blocked = {h for h in hist if h} - {t}
+            better = [i for i in range(1, dm.num_items + 1) if i not in blocked and counts[i] >= counts[t]]
+            hits.append(len(better) <= 10)
+            cands.append(dm.num_items - len(blocked))
+    assert report["methods"]["popularity"]["hr@10"]["mean"] == pytest.approx(sum(hits) / len(hits))
+    expected = random_expectation(torch.tensor(cands), (5, 10, 20, 50)).mean(0)
+    assert report["methods"]["random"]["hr@10"]["mean"] == pytest.approx(float(expected[5]), rel=1e-5)

@@ -60,20 +60,58 @@ def test_marker_ids_and_errors(policy):
             Policy("tiny-random-qwen2", answer_marker=bad)
 
 
-def test_finish_completion_rules():
-    eos = {2}
-    assert finish_completion([5, 44, 11247, 46, 7, 44, 11247, 46], MARKER, eos) == [5, 44, 11247, 46]  # first marker
-    assert finish_completion([5, 6, 2, 44, 11247, 46], MARKER, eos) == [5, 6, *MARKER]  # EOS ends it, marker appended
-    assert finish_completion([5, 6, 44, 11247], MARKER, eos) == [5, 6, 44, 11247, *MARKER]  # partial marker
-    assert finish_completion([2, 2, 2], MARKER, eos) == MARKER
-    assert finish_completion([44, 11247, 46, 2], MARKER, eos) == MARKER
+def tokens(policy: Policy, text: str) -> list[int]:
+    return policy.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_marker_stop_criterion_checks_generated_suffix_only():
-    ids = torch.tensor([[9, 9, 1, 44, 11247, 46], [9, 9, 44, 11247, 46, 1]])
-    assert MarkerStop(MARKER, prompt_len=2)(ids, None).tolist() == [True, False]
-    assert MarkerStop(MARKER, prompt_len=3)(ids, None).tolist() == [True, False]
-    assert MarkerStop(MARKER, prompt_len=4)(ids, None).tolist() == [False, False]  # marker partly in the prompt
+def test_finish_completion_rules(policy):
+    tok, eos = policy.tokenizer, {2}
+    hi = tokens(policy, "Hi")
+    assert finish_completion(tokens(policy, "Hi<answer> then<answer>"), tok, "<answer>", eos) == hi + MARKER  # first
+    assert finish_completion(hi + [2, *MARKER], tok, "<answer>", eos) == hi + MARKER  # EOS ends it, marker appended
+    partial = tokens(policy, "Hi <answer")
+    assert finish_completion(partial, tok, "<answer>", eos) == partial + MARKER
+    assert finish_completion([2, 2, 2], tok, "<answer>", eos) == MARKER
+    assert finish_completion([*MARKER, 2], tok, "<answer>", eos) == MARKER
+
+
+@pytest.mark.parametrize("text, before", [
+    ("I recommend <answer> Abbey Road</answer>", "I recommend "),  # ' <' token
+    ("Abbey Road fits.\n<answer>. Abbey Road", "Abbey Road fits.\n"),  # '>.' token
+    ("Because\n <answer> Abbey Road", "Because\n "),
+    ("It fits.<answer>", "It fits."),  # '.<' token
+])
+def test_finish_completion_finds_marker_text_inside_tokens(policy, text, before):
+    """The marker tokenizes differently inside text; the completion still stops at it and ends with its own ids,
+    keeping the text before it (whitespace included) and nothing after."""
+    generated = tokens(policy, text)
+    assert MARKER not in [generated[i : i + 3] for i in range(len(generated))]  # matching ids would miss it
+    done = finish_completion(generated, policy.tokenizer, "<answer>", {2})
+    assert done == tokens(policy, before) + MARKER
+    assert policy.tokenizer.decode(done) == before + "<answer>"
+
+
+def test_finish_completion_keeps_generated_tokens_before_the_marker(policy):
+    """Tokens that lie wholly before the marker stay as sampled (here a non-canonical split of " recommend"); only
+    the space of the ' <' token is re-encoded."""
+    head = tokens(policy, "I") + tokens(policy, " re") + tokens(policy, "commend")
+    assert head != tokens(policy, "I recommend")
+    done = finish_completion(head + tokens(policy, " <answer> x"), policy.tokenizer, "<answer>", {2})
+    assert done == head + tokens(policy, " ") + MARKER
+
+
+def test_marker_stop_matches_marker_text_of_generated_tokens(policy):
+    tok = policy.tokenizer
+    stop = MarkerStop(tok, "<answer>", prompt_len=2)
+
+    def done(prompt: str, generated: str) -> bool:
+        return stop(torch.tensor([tokens(policy, prompt)[:2] + tokens(policy, generated)]), None).item()
+
+    assert done("Go on", " <answer>") and done("Go on", "I recommend <answer>") and done("Go on", "Fits\n<answer>.")
+    assert not done("Go on", "I recommend <answer")
+    assert not done("x <", "answer>")  # marker partly in the prompt
+    rows = [[9, 9, *tokens(policy, text)] for text in ("I recommend <answer>", "I recommend <answe")]
+    assert stop(torch.tensor(rows), None).tolist() == [True, False]
 
 
 def test_sampled_generate_shapes_grouping_and_marker(policy):
@@ -86,7 +124,7 @@ def test_sampled_generate_shapes_grouping_and_marker(policy):
         assert m[:n].all() and not m[n:].any()  # right-padded
         assert (row[n:] == policy.tokenizer.pad_token_id).all()
         toks = row[:n].tolist()
-        assert toks[-3:] == MARKER and finish_completion(toks, MARKER, set()) == toks  # ends at its first marker
+        assert toks[-3:] == MARKER and finish_completion(toks, policy.tokenizer, "<answer>", set()) == toks
     # Seeded sampling is reproducible; the three samples of a prompt differ (temperature 1.5 over 49k tokens).
     torch.manual_seed(0)
     again = policy.generate(ids, mask, num_samples=3, max_new_tokens=8)
@@ -106,16 +144,22 @@ def test_greedy_is_deterministic_and_grouped_by_prompt(policy):
         assert alone == rows[2 * b]
 
 
-def test_generation_stops_at_first_marker(policy):
-    """Use tokens the model greedily writes anyway as the marker: generation must stop right after them."""
+def greedy_tokens(policy: Policy) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The first prompt of TEXTS and its 24 greedy tokens (no marker among them)."""
     ids, mask = prompts(policy, TEXTS[:1])
     free = policy.generate(ids, mask, do_sample=False, max_new_tokens=24)[0][0, :24].tolist()
-    assert MARKER not in [free[i : i + 3] for i in range(22)]
+    assert "<answer>" not in policy.tokenizer.decode(free)
+    return ids, mask, free
+
+
+def test_generation_stops_at_first_marker(policy):
+    """Use tokens the model greedily writes anyway as the marker: generation must stop right after them."""
+    ids, mask, free = greedy_tokens(policy)
     tok = policy.tokenizer
     for i in range(2, 20):
         cand = free[i : i + 2]
         text = tok.decode(cand)
-        if tok(text, add_special_tokens=False)["input_ids"] == cand and cand not in [free[j : j + 2] for j in range(i)]:
+        if tokens(policy, text) == cand and tok.decode(free[: i + 2]).find(text) == len(tok.decode(free[:i])):
             break
     else:
         pytest.fail("no greedy token pair usable as a marker")
@@ -123,6 +167,26 @@ def test_generation_stops_at_first_marker(policy):
     assert stopping.marker_ids == cand
     comp, cmask = stopping.generate(ids, mask, do_sample=False, max_new_tokens=24)
     assert real_rows(comp, cmask)[0] == free[: i + 2]
+
+
+def test_generation_stops_at_marker_text_that_starts_inside_a_token(policy):
+    """A marker that starts inside a generated token (as in ' <answer>'): generation still stops right after it, and
+    the completion is the tokens before it, the re-encoded first character of the token it starts in, then the marker
+    ids."""
+    ids, mask, free = greedy_tokens(policy)
+    tok = policy.tokenizer
+    for i in range(2, 20):
+        head, first, second = tok.decode(free[:i]), tok.decode(free[i : i + 1]), tok.decode(free[i + 1 : i + 2])
+        marker = first[1:] + second
+        if (len(first) >= 2 and first.isascii() and second.isascii() and tok.decode(tokens(policy, marker)) == marker
+                and tok.decode(free[: i + 2]).find(marker) == len(head) + 1
+                and not set(tokens(policy, marker)) & set(tok.all_special_ids)):
+            break
+    else:
+        pytest.fail("no greedy token pair usable for a marker starting inside a token")
+    stopping = Policy("tiny-random-qwen2", answer_marker=marker)
+    comp, cmask = stopping.generate(ids, mask, do_sample=False, max_new_tokens=24)
+    assert real_rows(comp, cmask)[0] == free[:i] + tokens(policy, first[:1]) + stopping.marker_ids
 
 
 def test_generate_restores_training_mode(policy):

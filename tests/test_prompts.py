@@ -8,7 +8,7 @@ import pytest
 
 from minirec.io import DataError
 from minirec.models import load_tokenizer
-from minirec.prompts import PromptBuilder, PromptConfig, history_lines, humanize_seconds, item_text
+from minirec.prompts import PromptBuilder, PromptConfig, history_lines, humanize_seconds, item_fields, item_text
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +48,43 @@ def test_user_prompt_shows_last_window_and_truncates_oldest_first(tokenizer) -> 
 
 def test_item_prompt_uses_what_exists_and_ends_with_marker(tokenizer) -> None:
     cfg = PromptConfig(description_words=3)
-    text = item_text(cfg, "Abbey Road", 4.75, 1200.0, "one two three four five")
-    assert "Title: Abbey Road" in text and "User Rating: 4.8" in text and "Number of Buyers: 1200" in text
-    assert "Description: one two three" in text and "four" not in text
-    bare = item_text(cfg, "Toy Story", math.nan, None, "")
-    assert "User Rating" not in bare and "Number of Buyers" not in bare and "Description" not in bare
+    fields = item_fields(cfg, "Abbey Road", 4.75, 1200.0, "one two three four five")
+    assert fields == "Title: Abbey Road\nUser Rating: 4.8\nNumber of Buyers: 1200\nDescription: one two three"
+    assert item_fields(cfg, "Toy Story", math.nan, None, "") == "Title: Toy Story"
+    assert item_text(cfg, "Title: X") == "Summarise the key features of this movie for a recommender system.\nTitle: X"
     builder = PromptBuilder(cfg, tokenizer)
     ids = builder.item_prompt_ids("Abbey Road", 4.75, 1200.0, "one two three")
     assert ids[-len(builder.marker_ids):] == builder.marker_ids
-    short = PromptBuilder(PromptConfig(max_item_tokens=20), tokenizer).item_prompt_ids("A " * 50, None, None, "")
-    assert len(short) == 20 and short[-len(builder.marker_ids):] == builder.marker_ids
+
+
+# The SmolLM2 chat template's end of the user turn and generation prompt, then the marker.
+TAIL = "<|im_end|>\n<|im_start|>assistant\n<answer>"
+
+
+def test_long_item_prompt_loses_field_words_never_the_template(tokenizer) -> None:
+    """Too long an item prompt is cut in its field text (the description's end first), so it still ends with the end
+    of turn, generation prompt and marker, like a short one, within `max_item_tokens`."""
+    tail = tokenizer(TAIL, add_special_tokens=False)["input_ids"]
+    builder = PromptBuilder(PromptConfig(max_item_tokens=80), tokenizer)
+    short = builder.item_prompt_ids("Abbey Road", 4.75, 1200.0, "A record.")
+    assert len(short) < 80 and short[-len(tail):] == tail
+    long = builder.item_prompt_ids("Abbey Road", 4.75, 1200.0, "word " * 100 + "END")
+    text = tokenizer.decode(long)
+    assert len(long) <= 80 and long[-len(tail):] == tail
+    assert "Number of Buyers: 1200\nDescription: word word" in text and "END" not in text
+    assert len(builder.item_prompt_ids("Abbey Road", 4.75, 1200.0, "word " * 100)) >= 78  # as many words as fit
+    # A budget just above the bare template: the description and the rating lines go, the template stays.
+    least = len(builder._item_ids(""))
+    tight = PromptBuilder(PromptConfig(max_item_tokens=least + 4), tokenizer)
+    ids = tight.item_prompt_ids("Abbey Road", 4.75, 1200.0, "word " * 100)
+    assert len(ids) <= least + 4 and ids[-len(tail):] == tail
+    assert "Title: Abbey Road" + TAIL in tokenizer.decode(ids)
+
+
+def test_item_budget_below_the_bare_template_is_an_error(tokenizer) -> None:
+    with pytest.raises(DataError, match=r"^prompts\.max_item_tokens=20: .* takes 49 tokens; set it to at least 49$"):
+        PromptBuilder(PromptConfig(max_item_tokens=20), tokenizer)
+    PromptBuilder(PromptConfig(max_item_tokens=49), tokenizer)
 
 
 def test_category_names_are_filled_in(tokenizer) -> None:

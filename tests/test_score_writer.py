@@ -33,14 +33,15 @@ ARTEFACTS = ("fingerprint.json", "scores.csv", "vectors.pt", "summary.json", "se
 class FakeScorer(L.LightningModule):
     """Deterministic per-sample scores (a function of the sample id); optionally dies at batch `fail_at`."""
 
-    def __init__(self, rollouts: int = ROLLOUTS, fail_at: int | None = None, proxy_checkpoint: str = "proxy.ckpt"):
+    def __init__(self, rollouts: int = ROLLOUTS, fail_at: int | None = None, proxy: str = "proxy.ckpt"):
         super().__init__()
         self.save_hyperparameters()
         self.layer = torch.nn.Linear(1, 1)
         self.seen: list[int] = []
 
     def scoring_config(self) -> dict:
-        return {"rollouts": self.hparams.rollouts, "space": "hidden", "temperatures": (1.5,)}
+        h = self.hparams
+        return {"proxy": h.proxy, "rollouts": h.rollouts, "space": "hidden", "temperatures": (1.5,)}
 
     def predict_step(self, batch, batch_idx):
         if batch_idx == self.hparams.fail_at:

@@ -67,9 +67,13 @@ def test_proxy_from_checkpoint_and_adapter(tmp_path: Path) -> None:
     for k, v in from_ckpt.policy.trainable_state_dict().items():
         assert torch.equal(v, trained[k]), k
     proxy.policy.save_adapter(tmp_path / "adapter")
-    from_adapter = ScoringModule(proxy=str(tmp_path / "adapter"), policy=TINY)
+    from_adapter = ScoringModule(proxy=str(tmp_path / "adapter"), policy=TINY, sampling=SAMPLING, num_rollouts=2,
+                                 eval_max_new_tokens=3)
     for k, v in from_adapter.policy.trainable_state_dict().items():
         assert torch.allclose(v, trained[k]), k
+    predict(tmp_path, from_adapter, tmp_path / "scores", ks=(6,))  # the selection records the proxy it was made with
+    selection = json.loads((tmp_path / "scores" / "selection.json").read_text())
+    assert selection["proxy_checkpoint"] == str(tmp_path / "adapter")
     with pytest.raises(DataError, match="no such checkpoint file or adapter folder"):
         ScoringModule(proxy=str(tmp_path / "missing.ckpt"))
     with pytest.raises(DataError, match="model.space must be"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import decimal
 import math
+import statistics
 
 import pytest
 import torch
@@ -63,6 +65,42 @@ def test_learnability_degenerate_and_errors() -> None:
         learnability(torch.tensor([0.1, float("nan")]))
     with pytest.raises(DataError, match="1-D"):
         learnability(torch.tensor([]))
+
+
+def _decimal_learnability(r: torch.Tensor, mu: float = 0.5, sigma: float | None = None) -> list[float]:
+    """Reference L in 60-digit decimal arithmetic (no underflow): min-max of exp(-(r - mu)^2 / (2 sigma^2))."""
+    with decimal.localcontext(decimal.Context(prec=60, Emin=-(10**9))):
+        rs = [decimal.Decimal(float(x)) for x in r]
+        s = statistics.pstdev(rs) if sigma is None else decimal.Decimal(sigma)
+        raw = [(-((x - decimal.Decimal(mu)) ** 2) / (2 * s * s)).exp() for x in rs]
+        lo, hi = min(raw), max(raw)
+        return [float((v - lo) / (hi - lo)) for v in raw]
+
+
+@pytest.mark.parametrize(
+    "r,sigma",
+    [
+        (torch.linspace(0.005, 0.015, 7), 0.02),  # exponents near -300: every exp is 0 in float32
+        (torch.linspace(0.005, 0.015, 7), 0.01),  # near -1200: 0 in float64 too, yet exp(z - z_max) spans 1..e^-49
+        (0.01 + 0.004 * torch.rand(50, generator=torch.Generator().manual_seed(0)), None),  # pool std ~1e-3
+        (torch.rand(50, generator=torch.Generator().manual_seed(1)), None),  # an ordinary pool
+    ],
+)
+def test_learnability_does_not_underflow(r: torch.Tensor, sigma: float | None) -> None:
+    got = learnability(r, sigma=sigma)
+    assert got.dtype == torch.float32 and not (got == 1).all()
+    torch.testing.assert_close(got, torch.tensor(_decimal_learnability(r, sigma=sigma)), rtol=1e-5, atol=1e-7)
+    closeness = -(r.double() - 0.5).abs()  # higher L for r̄ nearer mu (non-strict: tiny L round to 0)
+    assert (got[closeness.argsort()].diff() >= 0).all() and int(got.argmax()) == int(closeness.argmax())
+    if sigma is None and r.std() > 0.1:  # where nothing underflows: the naive float32 formula's values
+        naive = torch.exp(-((r - 0.5) ** 2) / (2 * r.std(correction=0) ** 2))
+        torch.testing.assert_close(got, (naive - naive.min()) / (naive.max() - naive.min()))
+
+
+def test_learnability_tiny_exponent_range() -> None:
+    # exponents 0 and about -7e-21: exp rounds both to 1.0, yet the exact min-max is [1, 0]
+    got = learnability(torch.tensor([0.5, 0.5 + 1e-7]), sigma=1e3)
+    torch.testing.assert_close(got, torch.tensor([1.0, 0.0]))
 
 
 # ---------------------------------------------------------------- hidden-space HVP
