@@ -147,9 +147,9 @@ class PipelineSpec:
         return RecDataModule(processing=self.processing, prompts=self.prompts, tokenizer=self.policy.pretrained,
                              **asdict(self.loader), **kw)
 
-    def module(self, stage: FitStage) -> GRPOModule:
-        """A fresh GRPOModule for one fit stage."""
-        return GRPOModule(self.policy, self.sampling, self.reward, stage.optim, self.eval_max_new_tokens)
+    def module(self, stage: FitStage, **kw: Any) -> GRPOModule:
+        """A fresh GRPOModule for one fit stage; `kw` sets its other arguments (e.g. `test_baselines`)."""
+        return GRPOModule(self.policy, self.sampling, self.reward, stage.optim, self.eval_max_new_tokens, **kw)
 
 
 def run_pipeline(
@@ -233,11 +233,12 @@ def fit_subset(spec: PipelineSpec, folder: Path, selection: str) -> dict[str, An
                 [CurriculumCallback(spec.score.epochs_per_stage)], reload_dataloaders_every_n_epochs=1)
 
 
-def test_best(spec: PipelineSpec, folder: Path, checkpoint: str) -> dict[str, Any]:
-    """Test metrics of the checkpoint (the best-valid one of a fit) with the baselines on the same samples
-    (`test_metrics.json`, `test_report.md` in `folder`)."""
+def test_best(spec: PipelineSpec, folder: Path, checkpoint: str, baselines: bool = True) -> dict[str, Any]:
+    """Test metrics of the checkpoint (the best-valid one of a fit) and, with `baselines`, the zero-shot and popularity
+    baselines on the same samples; every method's means and intervals are in `folder/test_metrics.json`."""
     trainer = _trainer(folder, spec.device, [], logger=CSVLogger(folder, name="logs"))
-    metrics = trainer.test(spec.module(spec.train), datamodule=spec.datamodule(), ckpt_path=checkpoint)[0]
+    module = spec.module(spec.train, test_baselines=baselines)
+    metrics = trainer.test(module, datamodule=spec.datamodule(), ckpt_path=checkpoint)[0]
     return {"metrics": {k: float(v) for k, v in metrics.items() if k.count("/") == 1},
             "baselines": read_json(folder / "test_metrics.json")}
 

@@ -108,13 +108,20 @@ def write_selections(spec: PipelineSpec, table: dict[str, torch.Tensor], strateg
     return paths, seconds
 
 
-def train_and_test(spec: PipelineSpec, folder: Path, selection: str) -> dict[str, Any]:
-    """Fit on a selection file, then test its best-valid checkpoint (each a resumable stage)."""
+def train_and_test(spec: PipelineSpec, folder: Path, selection: str, baselines: bool) -> dict[str, Any]:
+    """Fit on a selection file, then test its best-valid checkpoint (each a resumable stage), with the baselines on
+    the same test samples when `baselines` is set."""
     times: dict[str, float] = {}
     fit = run_stage(folder / "train", times, f"train {folder.name}", lambda d: fit_subset(spec, d, selection))
-    test = run_stage(folder / "test", times, f"test {folder.name}", lambda d: test_best(spec, d, fit["best_checkpoint"]))
-    return {"fit": fit, "metrics": test["metrics"], "train_s": times[f"train {folder.name}"],
-            "test_s": times[f"test {folder.name}"]}
+    test = run_stage(folder / "test", times, f"test {folder.name}",
+                     lambda d: test_best(spec, d, fit["best_checkpoint"], baselines))
+    return {"fit": fit, "metrics": test["metrics"], "baselines": test["baselines"]["methods"],
+            "train_s": times[f"train {folder.name}"], "test_s": times[f"test {folder.name}"]}
+
+
+BASELINES = {"zero_shot": "zero-shot", "popularity": "popularity", "random": "random ranking"}
+"""Test-report method -> strategy name of the rows every table carries (measured once per seed on the same test
+samples as the trained models; `random ranking` is the expected value, not the random-k selection)."""
 
 
 def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str], transfer_policy: dict[str, Any] | None,
@@ -129,9 +136,19 @@ def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str]
     rows = []
 
     def add(policy_spec: PipelineSpec, strategy: str, k: int, path: str, select_s: float, name: str) -> None:
-        """Train and test one method; its time counts the proxy and scoring only if its selection used them."""
-        result = train_and_test(policy_spec, folder / name, path)
+        """Train and test one method; its time counts the proxy and scoring only if its selection used them. The
+        seed's first method also tests the baselines (the same for every method of the seed)."""
+        result = train_and_test(policy_spec, folder / name, path, baselines=not rows)
         m = result["metrics"]
+        if not rows:
+            for method, strategy in BASELINES.items():
+                rows.append({
+                    "seed": spec.seed, "policy": policy_spec.policy.pretrained, "strategy": strategy, "k": 0,
+                    "train_samples": 0, "proxy_s": 0.0, "score_s": 0.0, "select_s": 0.0, "train_s": 0.0,
+                    "method_s": 0.0, "test_s": 0.0, "train_steps": 0, "best_val_ndcg@10": float("nan"),
+                    **{f"test_{n}": result["baselines"][method][n]["mean"]
+                       for n in ("ndcg@10", "hr@10", "ndcg@20", "hr@20")},
+                })
         proxy_s, score_s = (times["proxy"], times["score"]) if select_s else (0.0, 0.0)
         rows.append({
             "seed": spec.seed, "policy": policy_spec.policy.pretrained, "strategy": strategy, "k": k,
@@ -182,13 +199,13 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["time_vs_full"] = row["method_s_mean"] / full["method_s_mean"] if full else float("nan")
         row["ndcg@10_vs_full"] = (row["test_ndcg@10_mean"] / full["test_ndcg@10_mean"]
                                   if full and full["test_ndcg@10_mean"] > 0 else float("nan"))
-    order = {s: i for i, s in enumerate(("full", "random", *SCORED, "minirec_transfer"))}
+    order = {s: i for i, s in enumerate((*BASELINES.values(), "full", "random", *SCORED, "minirec_transfer"))}
     return sorted(out, key=lambda r: (r["policy"], r["k"], order.get(r["strategy"], 99)))
 
 
 def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
     """quality_vs_k.png (test NDCG@10 mean ± std vs k) and time_vs_k.png (method seconds vs k), one line per
-    strategy of `policy`; full data drawn as a horizontal line."""
+    strategy of `policy`; full data and the baselines (quality only) drawn as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,11 +220,15 @@ def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
             if strategy == "full":
                 ax.axhline(line[0][key], color="k", ls="--", label=f"full data (N={line[0]['k']})")
                 continue
+            if strategy in BASELINES.values():  # untrained references: quality lines only
+                if err:
+                    ax.axhline(line[0][key], color=f"C{i}", ls=":", label=strategy)
+                continue
             ax.errorbar([r["k"] for r in line], [r[key] for r in line],
                         yerr=[r[err] for r in line] if err else None, marker="o", capsize=3, color=f"C{i}",
                         label=strategy)
         ax.set(xscale="log", xlabel="subset size k", ylabel=ylabel, title=f"{ylabel} vs k ({policy})")
-        ax.set_xticks(sorted({r["k"] for r in rows if r["strategy"] != "full"}))
+        ax.set_xticks(sorted({r["k"] for r in rows if r["strategy"] not in ("full", *BASELINES.values())}))
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log-axis minor labels overlap the ks
         ax.grid(True, alpha=0.3)
@@ -306,4 +327,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    from minirec.io import run_command  # a user error: one `error: ...` line, exit status 2 (--debug: traceback)
+
+    sys.exit(run_command(main))

@@ -410,4 +410,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from minirec.io import run_command  # a user error: one `error: ...` line, exit status 2 (--debug: traceback)
+
+    sys.exit(run_command(main))

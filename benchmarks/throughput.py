@@ -238,4 +238,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    from minirec.io import run_command  # a user error: one `error: ...` line, exit status 2 (--debug: traceback)
+
+    sys.exit(run_command(main))

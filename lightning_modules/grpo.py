@@ -177,14 +177,14 @@ class GRPOModule(L.LightningModule):
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if shard else (1, 0)
         per_rank = math.ceil(n / world)
         mine = list(range(1 + rank * per_rank, 1 + min(n, (rank + 1) * per_rank)))
-        chunks = []
+        by_length = sorted(range(len(mine)), key=lambda i: len(dm.items[mine[i] - 1]["prompt_ids"]))  # less padding
+        local = torch.zeros(len(mine), self.policy.hidden_size, device=self.device)
         with eval_mode(self.policy):
             for start in range(0, per_rank, bs):
-                ids = mine[start : start + bs]
-                prompt_ids, prompt_mask = dm.item_prompt_batch(ids or [1])  # equal call counts on every rank
+                rows = by_length[start : start + bs]
+                prompt_ids, prompt_mask = dm.item_prompt_batch([mine[i] for i in rows] or [1])  # same calls per rank
                 emb = self.policy.encode(prompt_ids.to(self.device), prompt_mask.to(self.device)).float()
-                chunks.append(emb[: len(ids)])
-        local = torch.cat(chunks)
+                local[rows] = emb[: len(rows)]
         if not torch.isfinite(local).all():
             bad = [mine[i] for i in torch.nonzero(~torch.isfinite(local).all(1)).flatten().tolist()[:5] if i < len(mine)]
             raise FloatingPointError(f"non-finite item embeddings at global step {self.global_step}; item ids {bad}")
@@ -247,20 +247,20 @@ class GRPOModule(L.LightningModule):
         target, history = rep(batch["target"]), rep(batch["history"])
         seq, mask, comp_pos = self.policy.join(rep(batch["prompt_ids"]), rep(batch["prompt_mask"]), comp, comp_mask)
 
-        self.policy.eval()
-        with torch.no_grad():
+        t1 = time.perf_counter()
+        with torch.no_grad(), eval_mode(self.policy):
             old_lp, h = self._forward_rows(seq, mask, comp_pos)
             ref_lp = None
             if self.optim.kl_beta > 0:
                 with self.policy.model.disable_adapter():
                     ref_lp, _ = self._forward_rows(seq, mask, comp_pos)
-        self.policy.train()
         rewards, _ = score_rollouts(h, self.catalog, target, history, self.reward)
         adv = group_advantages(rewards, G, self.optim.advantage)
         relabel = relabel_mask(rewards, G, self.optim.relabel_topk)
         token_adv, rec_w = loss_weights(adv, relabel, G, self.optim.loss_impl)
         self._check_finite("reward", rewards, batch)
 
+        t2 = time.perf_counter()
         uniq, t_index = dedupe_targets(target)
         rows, n_tok = seq.shape[0], comp_pos.sum().clamp(min=1)
         for _ in range(self.optim.ppo_epochs):
@@ -292,6 +292,7 @@ class GRPOModule(L.LightningModule):
             opt.step()
             opt.zero_grad()
         sched.step()
+        t3 = time.perf_counter()
         with torch.no_grad(), eval_mode(self.policy):
             self.catalog[uniq] = self._item_embeddings(uniq).float()
 
@@ -311,6 +312,10 @@ class GRPOModule(L.LightningModule):
                 "train/zero_spread_groups": (groups.max(1).values == groups.min(1).values).float().mean(),
                 "train/completion_len": lengths.mean(),
                 "train/rollout_tokens_per_s": lengths.sum() / max(gen_seconds, 1e-9),
+                "train/time_generate_s": torch.tensor(gen_seconds),
+                "train/time_score_s": torch.tensor(t2 - t1),  # old log-probs, user embeddings, rewards
+                "train/time_update_s": torch.tensor(t3 - t2),  # loss forward, backward, optimizer
+                "train/time_refresh_s": torch.tensor(time.perf_counter() - t3),  # in-batch catalogue rows
                 "train/clip_frac": stats.get("clip_frac", torch.zeros(())),
                 "train/lr": torch.tensor(opt.param_groups[0]["lr"]),
             },

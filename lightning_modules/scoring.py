@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lightning_modules.grpo import GRPOModule, OptimConfig
-from minirec.io import DataError
+from minirec.io import DataError, load_checkpoint
 from minirec.losses import group_advantages, policy_token_loss
 from minirec.policy import PolicyConfig
 from minirec.recpo import RewardConfig, SamplingConfig, score_rollouts
@@ -36,7 +36,7 @@ def proxy_policy_config(proxy: str, policy: PolicyConfig) -> PolicyConfig:
         return PolicyConfig(**{**asdict(policy), "adapter_path": str(path)})
     if not path.is_file():
         raise DataError(f"model.proxy={proxy!r}: no such checkpoint file or adapter folder")
-    saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("policy")
+    saved = load_checkpoint(path).get("hyper_parameters", {}).get("policy")
     return saved if isinstance(saved, PolicyConfig) else policy
 
 
@@ -82,7 +82,7 @@ class ScoringModule(GRPOModule):
         sampling = SamplingConfig(**{**asdict(sampling), "group_size": num_rollouts})
         super().__init__(policy, sampling, reward, OptimConfig(), eval_max_new_tokens)
         if proxy is not None and Path(proxy).is_file():
-            state = torch.load(proxy, map_location="cpu", weights_only=False)["state_dict"]
+            state = load_checkpoint(proxy)["state_dict"]
             self.policy.load_trainable_state_dict({k.removeprefix("policy.model."): v for k, v in state.items()})
         self.projection: RademacherProjection | None = None
 

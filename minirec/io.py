@@ -1,20 +1,80 @@
-"""File I/O shared by every stage: one error type for bad input, atomic writes, line readers that name file and line."""
+"""File I/O shared by every stage: the errors of bad input and how commands report them, atomic writes, readers that
+name file and line."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
+from argparse import ArgumentError
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class DataError(ValueError):
     """Bad input or an impossible setting. The message names the file, line and field, or the setting to change."""
+
+
+class ConfigError(DataError):
+    """A setting the command line or a config file gives that cannot be used; the message names the setting."""
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _one_line(text: object) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of a user error in `exc`'s chain, or None for a bug (which keeps its traceback).
+
+    User errors: DataError (bad data or settings, also when jsonargparse wraps one raised by a config class),
+    FloatingPointError (non-finite losses or embeddings), Lightning's MisconfigurationException (impossible trainer
+    settings), a command line jsonargparse rejects, an OS error on a path.
+    """
+    chain = _chain(exc)
+    for e in chain:
+        if isinstance(e, (DataError, FloatingPointError)) or type(e).__name__ == "MisconfigurationException":
+            return _one_line(e)
+    parse_errors = [e for e in chain if isinstance(e, ArgumentError)]
+    if parse_errors:  # nested "Parser key "a": ... Parser key "b.c": <why>" -> "a.b.c: <why>"
+        keys = [m[1] for e in chain if (m := re.match(r'Parser key "([^"]+)":', str(e)))]
+        keys = [k for i, k in enumerate(keys) if k not in keys[:i]]
+        why = _one_line(chain[-1]) if keys else _one_line(parse_errors[0])
+        return f"{'.'.join(keys)}: {why}" if keys else why
+    if isinstance(exc, OSError):
+        return _one_line(exc)
+    return None
+
+
+def run_command(command: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
+    """`command(argv)` (argv defaults to sys.argv[1:]), with user errors (see `user_error`) printed as one
+    `error: <message>` line on stderr and exit status 2. `--debug` in argv (removed before the call) or
+    MINIREC_DEBUG=1 lets them through with their traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MINIREC_DEBUG", "0") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return command(argv)
+    except Exception as e:
+        message = None if debug else user_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def open_text(path: str | os.PathLike) -> Any:
@@ -127,3 +187,25 @@ def allow_in_checkpoints(*classes: type) -> None:
     import torch
 
     torch.serialization.add_safe_globals(list(classes))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Lightning checkpoint, loaded on the CPU with `weights_only=True` (tensors, plain containers and the config
+    classes of `allow_in_checkpoints`, nothing else is unpickled); a foreign, truncated or unsafe file: DataError."""
+    import pickle
+
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise DataError(f"{path}: refused to unpickle {unsafe[1]}: checkpoints are loaded with weights_only=True, "
+                            "which allows only tensors and the MiniRec configs of allow_in_checkpoints") from None
+        raise DataError(f"{path}: not a checkpoint ({str(e).strip().splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise DataError(f"{path}: unreadable checkpoint ({str(e).strip().splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise DataError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return ckpt

@@ -310,6 +310,8 @@ def read_movielens_100k(folder: str | os.PathLike | None = None) -> tuple[pd.Dat
         _checked_numbers(inter, "rating", path),
         _checked_numbers(inter, "timestamp", path).astype("int64"),
     )
+    if interactions.empty:
+        raise DataError(f"no interactions in {path}")
     item = _read_atomic(folder / "ml-100k.item")
     _require_columns(item, folder / "ml-100k.item", ("item_id", "movie_title"))
     _checked_strings(item, "item_id", folder / "ml-100k.item")
@@ -348,7 +350,10 @@ def load_source(cfg: ProcessingConfig) -> tuple[pd.DataFrame, pd.DataFrame, bool
     if cfg.dataset.startswith("amazon2023:"):
         category = amazon_category(cfg.dataset)
         inter_path, meta_path = amazon_paths(category, cfg.data_dir, cfg.interactions_path, cfg.meta_path, cfg.download)
-        return read_amazon_interactions(inter_path), read_amazon_meta(meta_path), True
+        interactions = read_amazon_interactions(inter_path)
+        if interactions.empty:
+            raise DataError(f"no interactions in {inter_path}")
+        return interactions, read_amazon_meta(meta_path), True
     raise DataError(
         f"processing.dataset: unknown dataset {cfg.dataset!r}; "
         "use 'movielens-100k', 'amazon2023:<Category>' or 'synthetic'"

@@ -122,6 +122,6 @@ def test_two_process_predict_sharding(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
-    expected = torch.load(out / "expected.pt")
+    expected = torch.load(out / "expected.pt", weights_only=True)
     assert len(expected) == 37  # max_predict_samples
     assert sorted(seen[0] + seen[1]) == sorted(expected)

@@ -74,7 +74,7 @@ def test_checkpoint_holds_only_lora_and_resumes_exactly(tmp_path: Path) -> None:
     module = make_module()
     trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[ckpt_cb, first]).fit(
         module, datamodule=make_dm(tmp_path, max_train_samples=40))
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
     n_trainable = sum(1 for p in module.parameters() if p.requires_grad)

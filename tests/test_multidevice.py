@@ -19,6 +19,9 @@ from typing import Callable
 import pytest
 import torch
 
+import datamodules  # noqa: F401  (importing them allow-lists the configs in checkpoints for weights_only loading)
+import lightning_modules  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "fit_multi.py"
 WORLD = 2
@@ -43,7 +46,7 @@ def run_mode(mode: str, workdir: Path) -> dict:
     out = {"mode": mode, "workdir": workdir, "seconds": seconds}
     for run in ("fit", "resume"):
         out[run] = [json.loads((workdir / f"{run}-rank{r}.json").read_text()) for r in range(WORLD)]
-        out[run + "_lora"] = [torch.load(workdir / f"{run}-rank{r}-lora.pt") for r in range(WORLD)]
+        out[run + "_lora"] = [torch.load(workdir / f"{run}-rank{r}-lora.pt", weights_only=True) for r in range(WORLD)]
     print(f"\n{mode}: wall s {seconds}; val at step 2 {out['fit'][0]['val']}; at step 4 {out['resume'][0]['val']}")
     return out
 
@@ -93,12 +96,12 @@ def test_checkpoint_holds_only_lora_and_resumes(runs: dict) -> None:
     last = Path(resume[0]["last_ckpt"])  # written at step 4 by the resumed run
     assert last.name == "last.ckpt" and last.exists()
     if runs["mode"] == "ddp":
-        ckpt = torch.load(last, weights_only=False)
+        ckpt = torch.load(last, weights_only=True)
         assert ckpt["global_step"] == 4 and len(ckpt["optimizer_states"][0]["state"]) == n
         weights = ckpt["state_dict"]
     else:  # a DeepSpeed checkpoint folder: frozen weights excluded, optimizer state sharded per rank
         files = last / "checkpoint"
-        model_states = torch.load(files / "mp_rank_00_model_states.pt", weights_only=False)
+        model_states = torch.load(files / "mp_rank_00_model_states.pt", weights_only=True)
         assert model_states["global_step"] == 4 and model_states["global_steps"] == 4
         assert model_states["ds_config"]["managed_gradient_accumulation"] is False
         assert all((files / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file() for r in range(WORLD))
@@ -132,7 +135,7 @@ def test_zero2_update_matches_ddp(tmp_path_factory) -> None:
     for mode in ("ddp", "zero2"):
         workdir = tmp_path_factory.mktemp(f"{mode}-sgd")
         run_script(mode, workdir, "--sgd")
-        lora = torch.load(workdir / "fit-rank0-lora.pt")
+        lora = torch.load(workdir / "fit-rank0-lora.pt", weights_only=True)
         updates[mode] = torch.cat([(lora["end"][k] - lora["start"][k]).flatten() for k in sorted(lora["end"])])
         assert json.loads((workdir / "fit-rank0.json").read_text())["global_step"] == 2
     ddp, zero2 = updates["ddp"], updates["zero2"]

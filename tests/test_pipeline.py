@@ -57,7 +57,7 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path: Path, monkeypatch: pytest
     first = tiny_run(tmp_path)  # proxy and scores are skipped; train resumes from last.ckpt (epoch 2 of 3)
     for f in ("report.md", "pipeline_config.json", "proxy/done.json", "proxy/adapter_best/adapter_config.json",
               "scores/selection.json", "scores/scores.csv", "scores/reward_hist.png", "train/done.json",
-              "test/done.json"):
+              "test/done.json", "test/test_metrics.json", "train/training_curves.png", "proxy/training_curves.png"):
         assert (run / f).is_file(), f
     assert first["train"]["global_step"] == 1 + 2 + 2  # 8 / 16 / 16 samples per epoch at 8 prompts per step
     resumed_log = sorted((run / "train/logs").glob("version_*/metrics.csv"))[-1].read_text().splitlines()
@@ -68,7 +68,10 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path: Path, monkeypatch: pytest
     sel = json.loads((run / "scores/selection.json").read_text())
     assert len(sel["ids"]) == 16 and sorted(set(sel["stages"])) == [0, 1]
     report = (run / "report.md").read_text()
-    assert "test/ndcg@10" in report and "| train |" in report and "![reward_hist.png]" in report
+    assert "| train |" in report and "![scores/reward_hist.png]" in report and "![train/training_curves.png]" in report
+    for method in ("policy", "zero_shot", "popularity", "random"):  # every report reads the policy against baselines
+        assert f"| {method} | " in report
+    assert set(first["test"]["baselines"]["methods"]) == {"policy", "zero_shot", "popularity", "random"}
 
     again = tiny_run(tmp_path)  # every stage is complete: nothing runs again
     assert again["test"]["metrics"] == first["test"]["metrics"] and again["seconds"] == first["seconds"]

@@ -70,3 +70,17 @@ def test_bad_arrays_raise(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="2 mean rewards but 3 stage indices"):
         plots.curriculum_order([0.5, 0.2], [0, 0, 1], tmp_path / "x.png")
     assert not list(tmp_path.iterdir())
+
+
+def test_training_curves_from_a_csv_log(tmp_path: Path) -> None:
+    """The learning signals of every step (and validation NDCG@10, logged on other rows) become one PNG."""
+    keys = [k for k, _ in plots.TRAINING_CURVES]
+    lines = ["step," + ",".join(keys) + ",val/ndcg@10"]
+    lines += [f"{s}," + ",".join(str(0.1 * s + i) for i in range(len(keys))) + "," for s in range(6)]
+    lines += ["5," + "," * len(keys) + "0.03"]
+    (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    plots.training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png")
+    check_png(tmp_path / "curves.png")
+    (tmp_path / "empty.csv").write_text("step\n")
+    with pytest.raises(DataError, match="no logged steps"):
+        plots.training_curves(tmp_path / "empty.csv", tmp_path / "none.png")

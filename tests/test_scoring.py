@@ -40,7 +40,7 @@ def test_scores_and_selection_in_both_spaces(tmp_path: Path, space: str) -> None
                            eval_max_new_tokens=3)
     out = tmp_path / "scores"
     predict(tmp_path, module, out)
-    vectors = torch.load(out / "vectors.pt")
+    vectors = torch.load(out / "vectors.pt", weights_only=True)
     assert vectors["sample_id"].shape == (18,)
     width = 32 if space == "lora" else module.policy.hidden_size
     assert vectors["rep_vec"].shape == (18, width) and torch.isfinite(vectors["rep_vec"]).all()
