@@ -158,6 +158,7 @@ class GRPOModule(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.policy_config = policy  # hparams hold the parsed config (a dict) when LightningCLI built the module
         self.policy = Policy(**asdict(policy))
         self.sampling, self.reward, self.optim = sampling, reward, optim
         self.val_metrics = RankingMetrics(ks)

@@ -37,6 +37,8 @@ def proxy_policy_config(proxy: str, policy: PolicyConfig) -> PolicyConfig:
     if not path.is_file():
         raise DataError(f"model.proxy={proxy!r}: no such checkpoint file or adapter folder")
     saved = load_checkpoint(path).get("hyper_parameters", {}).get("policy")
+    if isinstance(saved, dict):  # saved by LightningCLI as the parsed config
+        saved = PolicyConfig(**{k: v for k, v in saved.items() if k in PolicyConfig.__dataclass_fields__})
     return saved if isinstance(saved, PolicyConfig) else policy
 
 
@@ -90,7 +92,7 @@ class ScoringModule(GRPOModule):
         """Settings that change the scores (stored in the score folder's fingerprint)."""
         h = self.hparams
         return {
-            "proxy": h.proxy, "pretrained": self.hparams.policy.pretrained, "sampling": asdict(self.sampling),
+            "proxy": h.proxy, "pretrained": self.policy_config.pretrained, "sampling": asdict(self.sampling),
             "reward": asdict(self.reward), "num_rollouts": h.num_rollouts, "space": h.space, "rep_loss": h.rep_loss,
             "projection_dim": h.projection_dim, "lora_hvp": h.lora_hvp, "projection_seed": h.projection_seed,
             "eval_max_new_tokens": h.eval_max_new_tokens,

@@ -2,10 +2,13 @@
 
 A causal LM with a LoRA adapter (PEFT) that
 - generates reasoning that stops at the first answer marker in its text and ends with the marker's own token ids
-  (appended when the model never writes the marker),
+  (appended when the model never writes the marker), prefilling each prompt once for its G samples,
 - scores sequences: per-token log-probs of completion tokens and the user / item embedding, the final-norm hidden state
   at the last token, in one forward pass,
 - saves and loads only the LoRA weights (as a state dict for checkpoints, or as a PEFT adapter folder).
+
+With `dtype="auto"` the frozen base weights are bfloat16 where bf16 matmuls are fast (`auto_dtype`); the LoRA weights,
+their gradients and optimizer state stay float32, and log-probs / embeddings come out float32.
 """
 
 from __future__ import annotations
@@ -18,13 +21,42 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from minirec.io import DataError, atomic_dir
 from minirec.models import load_tokenizer, resolve_pretrained
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags listed in Linux /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.partition(":")[2].split()}
+
+
+def auto_dtype() -> str:
+    """The `dtype="auto"` choice: "bfloat16" on a CUDA device with native bf16 (Ampere or newer) and, without CUDA, on
+    a CPU with AMX-BF16 or AVX512-BF16 instructions; "float32" otherwise."""
+    if torch.cuda.is_available():
+        fast = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        fast = bool(_BF16_CPU_FLAGS & _cpu_flags())
+    return "bfloat16" if fast else "float32"
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -83,7 +115,8 @@ class Policy(torch.nn.Module):
         lora_alpha: LoRA scaling numerator (scale = alpha / r).
         lora_dropout: dropout on the LoRA input (active in training mode only).
         lora_target_modules: names of the linear layers that get LoRA.
-        dtype: weight dtype, "float32", "bfloat16" or "float16".
+        dtype: dtype of the frozen base weights, "float32", "bfloat16", "float16" or "auto" (`auto_dtype`); the LoRA
+            weights are float32 whatever it is.
         attn_implementation: "sdpa" or "eager" (eager supports double backward through attention on CPU) or any
             implementation transformers accepts.
         gradient_checkpointing: recompute layer activations in backward (non-reentrant) to save memory.
@@ -110,8 +143,8 @@ class Policy(torch.nn.Module):
         logprob_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
-        if dtype not in _DTYPES:
-            raise DataError(f"model.dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
+        if dtype not in (*_DTYPES, "auto"):
+            raise DataError(f"model.dtype={dtype!r}: expected one of {', '.join(_DTYPES)}, auto")
         if logprob_chunk_size < 1:
             raise DataError(f"model.logprob_chunk_size={logprob_chunk_size}: must be >= 1")
         path = resolve_pretrained(pretrained)
@@ -120,7 +153,7 @@ class Policy(torch.nn.Module):
         self.marker_ids: list[int] = self._marker_ids(answer_marker)
         try:
             base = AutoModelForCausalLM.from_pretrained(
-                path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
+                path, dtype=_DTYPES[auto_dtype() if dtype == "auto" else dtype], attn_implementation=attn_implementation
             )
         except ValueError as e:
             if "attention implementation" not in str(e) and "attn_implementation" not in str(e):
@@ -130,12 +163,12 @@ class Policy(torch.nn.Module):
         if adapter_path is not None:
             if not (Path(adapter_path) / "adapter_config.json").is_file():
                 raise DataError(f"model.adapter_path={adapter_path!r}: no adapter_config.json (not a PEFT adapter)")
-            self.model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
+            self.model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True, autocast_adapter_dtype=True)
         else:
             lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               target_modules=list(lora_target_modules), task_type="CAUSAL_LM")
             try:
-                self.model = get_peft_model(base, lora)
+                self.model = get_peft_model(base, lora, autocast_adapter_dtype=True)  # LoRA weights in float32
             except ValueError as e:
                 raise DataError(f"model.lora_target_modules={list(lora_target_modules)}: {e}") from None
         if gradient_checkpointing:
@@ -180,29 +213,30 @@ class Policy(torch.nn.Module):
 
         Returns completion_ids `[B x G, T]` right-padded with the pad token (row b*G+g is sample g of prompt b) and
         completion_mask `[B x G, T]`, T <= max_new_tokens + len(marker ids) (plus the text re-encoded before a marker
-        that starts inside a token, usually one token; see `finish_completion`). Greedy when `do_sample` is False
-        (decoded once per prompt, repeated G times). Runs in eval mode (no dropout) and restores the previous mode;
-        seed with `torch.manual_seed` for reproducible samples.
+        that starts inside a token, usually one token; see `finish_completion`). Sampling prefills each prompt once for
+        its G samples (`_sample`); greedy when `do_sample` is False (HF generate, decoded once per prompt, repeated G
+        times). Runs in eval mode (no dropout) and restores the previous mode; seed with `torch.manual_seed` for
+        reproducible samples.
         """
         pad = self.tokenizer.pad_token_id
         stop_ids = self._stop_ids
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
-        config = GenerationConfig(
-            do_sample=do_sample, max_new_tokens=max_new_tokens, num_return_sequences=num_samples if do_sample else 1,
-            pad_token_id=pad, eos_token_id=sorted(stop_ids), bos_token_id=self.tokenizer.bos_token_id, use_cache=True,
-            repetition_penalty=1.0, **sampling,  # a hub generation_config's penalty would otherwise apply
-        )
-        stop = StoppingCriteriaList([MarkerStop(self.tokenizer, self.answer_marker, input_ids.shape[1])])
         was_training = self.training
         self.eval()
         try:
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=config, stopping_criteria=stop
-            )
+            if do_sample:
+                out = self._sample(input_ids, attention_mask, num_samples, temperature, top_k, top_p, max_new_tokens)
+            else:
+                config = GenerationConfig(
+                    do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stop_ids),
+                    bos_token_id=self.tokenizer.bos_token_id, use_cache=True,
+                    repetition_penalty=1.0,  # a hub generation_config's penalty would otherwise apply
+                )
+                stop = MarkerStop(self.tokenizer, self.answer_marker, input_ids.shape[1])
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                          stopping_criteria=StoppingCriteriaList([stop]))
+                out = out.repeat_interleave(num_samples, dim=0)
         finally:
             self.train(was_training)
-        if not do_sample:
-            out = out.repeat_interleave(num_samples, dim=0)
         cut = stop_ids | {pad}  # generate pads the rows that stopped early
         new = out[:, input_ids.shape[1] :].tolist()
         rows = [finish_completion(r, self.tokenizer, self.answer_marker, cut) for r in new]
@@ -213,6 +247,55 @@ class Policy(torch.nn.Module):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
         return ids.to(input_ids.device), mask.to(input_ids.device)
+
+    def _sample(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        num_samples: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        max_new_tokens: int,
+    ) -> Tensor:
+        """Prompts `[B, P]` -> prompts + sampled tokens `[B x G, P + T]`, T <= max_new_tokens, rows that stopped
+        (an EOS token or the marker, `MarkerStop`) padded with the pad token; row b*G+g is sample g of prompt b.
+
+        One prefill over the B prompts; its KV cache and last logits are repeated G times, then B x G rows decode one
+        token per step. Otherwise the steps of HF `generate(do_sample=True, num_return_sequences=G)` (which prefills
+        every prompt G times): the same positions and masks (none without padding), the temperature / top-k / top-p
+        warpers in HF's order, one `torch.multinomial` over all rows per step, so a seed draws the same samples.
+        """
+        hf = self.model.get_base_model()
+        warpers = LogitsProcessorList(
+            ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+            + ([TopKLogitsWarper(top_k)] if top_k else [])
+            + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        )
+        stops = torch.tensor(sorted(self._stop_ids), dtype=torch.long, device=input_ids.device)
+        stop = MarkerStop(self.tokenizer, self.answer_marker, input_ids.shape[1])
+        mask = None if attention_mask.all() else attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = hf(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(num_samples)
+        logits = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)  # [BG, V]
+        seqs = input_ids.repeat_interleave(num_samples, dim=0)
+        mask = None if mask is None else mask.repeat_interleave(num_samples, dim=0)
+        positions = positions[:, -1:].repeat_interleave(num_samples, dim=0)  # [BG, 1]
+        running = torch.ones(seqs.shape[0], dtype=torch.bool, device=seqs.device)
+        for step in range(max_new_tokens):
+            probs = warpers(seqs, logits).softmax(dim=-1)
+            new = torch.multinomial(probs, 1).squeeze(1).masked_fill(~running, self.tokenizer.pad_token_id)
+            seqs = torch.cat([seqs, new[:, None]], dim=1)
+            running &= ~(torch.isin(new, stops) | stop(seqs, None))
+            if step + 1 == max_new_tokens or not running.any():
+                break
+            mask = None if mask is None else torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            positions = positions + 1
+            logits = hf(input_ids=new[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True).logits[:, -1].float()
+        return seqs
 
     def join(
         self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor

@@ -60,6 +60,14 @@ def run(bench, tmp_path_factory):
 def test_every_method_runs_once_with_its_time(run) -> None:
     folder, _ = run
     rows = read_csv(folder / "results/runs.csv")
+    baselines = [r for r in rows if r["strategy"] in ("zero-shot", "popularity", "random ranking")]
+    assert sorted((r["seed"], r["strategy"]) for r in baselines) == sorted(
+        (s, m) for s in "01" for m in ("zero-shot", "popularity", "random ranking"))  # once per seed, untrained
+    for seed in "01":  # measured on the seed's first trained model's test samples (full data)
+        first = json.loads((folder / f"work/seed{seed}/full_k24/test/test_metrics.json").read_text())
+        zero_shot = next(r for r in baselines if r["seed"] == seed and r["strategy"] == "zero-shot")
+        assert float(zero_shot["test_ndcg@10"]) == pytest.approx(first["methods"]["zero_shot"]["ndcg@10"]["mean"])
+    rows = [r for r in rows if r not in baselines]
     keys = sorted((r["seed"], r["policy"], r["strategy"], r["k"]) for r in rows)
     expected = sorted([(s, "tiny-random-qwen2", m, k) for s in "01" for m, k in
                        [("full", "24"), ("random", "8"), ("random", "16"), ("minirec", "8"), ("minirec", "16"),
@@ -106,6 +114,7 @@ def test_tables_plots_and_ratios(run) -> None:
         assert float(r["time_vs_full"]) == pytest.approx(sum(own) / sum(fulls), rel=1e-6)
     md = (folder / "results/data_efficiency.md").read_text()
     assert "## Headline ratios" in md and "MiniRec time / full time" in md and "data_efficiency.py" in md
+    assert "| zero-shot |" in md and "| popularity |" in md and "| random ranking |" in md
     for png in ("quality_vs_k.png", "time_vs_k.png"):
         assert (folder / "results" / png).stat().st_size > 10_000
 

@@ -1,12 +1,12 @@
-"""Policy: generation with marker stopping, sequence joining, chunked log-probs, embeddings, LoRA state and adapters,
-double backward. Tiny random models from the preset cache."""
+"""Policy: generation with marker stopping and shared-prefill sampling, sequence joining, chunked log-probs,
+embeddings, LoRA state and adapters, double backward. Tiny random models from the preset cache."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteriaList
 
 from minirec.io import DataError
 from minirec.models import resolve_pretrained
@@ -130,6 +130,55 @@ def test_sampled_generate_shapes_grouping_and_marker(policy):
     again = policy.generate(ids, mask, num_samples=3, max_new_tokens=8)
     assert torch.equal(again[0], comp) and torch.equal(again[1], cmask)
     assert len({tuple(r) for r in real_rows(comp[:3], cmask[:3])}) == 3
+
+
+def plain_generate(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, num_samples: int, max_new_tokens: int):
+    """HF generate with num_return_sequences=G (each prompt expanded G times before its prefill), with the sampling
+    settings, stop ids and marker stop of `Policy.generate`: the sequences `[B x G, P + T]`."""
+    config = GenerationConfig(do_sample=True, num_return_sequences=num_samples, temperature=1.5, top_k=200, top_p=1.0,
+                              max_new_tokens=max_new_tokens, pad_token_id=policy.tokenizer.pad_token_id,
+                              eos_token_id=sorted(policy._stop_ids), repetition_penalty=1.0)
+    stop = MarkerStop(policy.tokenizer, policy.answer_marker, ids.shape[1])
+    return policy.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 stopping_criteria=StoppingCriteriaList([stop]))
+
+
+@pytest.mark.parametrize("arch, marker", [  # "e": most rows stop early, at different steps
+    ("qwen2", "<answer>"), ("qwen2", "e"), ("llama", "<answer>"), ("llama", "e"), ("gemma2", "e"),
+])
+def test_shared_prefill_sampling_draws_the_plain_generate_samples(arch, marker):
+    """One prefill per prompt (its KV cache repeated G times) draws, under a seed, exactly the samples of HF generate
+    with num_return_sequences=G, which prefills each prompt G times: 3 left-padded prompts of different lengths, G=4."""
+    policy = Policy(f"tiny-random-{arch}", answer_marker=marker,
+                    attn_implementation="eager" if arch == "gemma2" else "sdpa")
+    randomize_lora(policy)
+    ids, mask = prompts(policy, TEXTS + ["Hi"])
+    assert len(set(mask.sum(1).tolist())) == 3
+    shapes = []
+    hook = policy.model.get_base_model().get_input_embeddings().register_forward_hook(
+        lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    runs = []
+    for seed in range(2):
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            shapes.clear()
+            plain = plain_generate(policy, ids, mask, 4, 12)
+            assert shapes[0] == (12, ids.shape[1])  # the plain path prefills B x G rows
+            torch.manual_seed(seed)
+            shapes.clear()
+            shared = policy._sample(ids, mask, 4, temperature=1.5, top_k=200, top_p=1.0, max_new_tokens=12)
+        assert shapes == [(3, ids.shape[1])] + [(12, 1)] * (shared.shape[1] - ids.shape[1] - 1)  # one prefill a prompt
+        assert torch.equal(shared, plain)  # same tokens, same stopping step, stopped rows padded alike
+        runs.append(plain)
+    hook.remove()
+    assert not torch.equal(*runs)
+    torch.manual_seed(1)
+    comp, cmask = policy.generate(ids, mask, num_samples=4, max_new_tokens=12)
+    cut = policy._stop_ids | {policy.tokenizer.pad_token_id}
+    assert real_rows(comp, cmask) == [finish_completion(r, policy.tokenizer, marker, cut)
+                                      for r in plain[:, ids.shape[1] :].tolist()]
+    if marker == "e":  # some rows stopped at the marker before others
+        assert 0 < int((plain[:, -1] == policy.tokenizer.pad_token_id).sum()) < 12
 
 
 def test_greedy_is_deterministic_and_grouped_by_prompt(policy):

@@ -1,0 +1,122 @@
+"""bfloat16 base weights with float32 LoRA: `dtype="auto"`, and agreement with float32 of log-probs, embeddings, one
+AdamW update and the LoRA-space Hessian-vector product."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minirec.policy
+from minirec.policy import Policy, auto_dtype
+from minirec.selection import parameter_space_vector
+
+TEXT = "I liked [Abbey Road] and [Kind of Blue]."
+COMPLETION = "You like classic albums, so I recommend Revolver.<answer>"
+
+
+def sequence(policy: Policy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chat prompt + a fixed completion, joined: ids, mask, completion positions `[1, S]`."""
+    enc = policy.tokenizer.apply_chat_template([[{"role": "user", "content": TEXT}]], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    comp = policy.tokenizer([COMPLETION], add_special_tokens=False, return_tensors="pt")
+    return policy.join(enc["input_ids"], enc["attention_mask"], comp["input_ids"], comp["attention_mask"])
+
+
+def pair(pretrained: str, lora_scale: float, **kwargs) -> tuple[Policy, Policy]:
+    """float32 and bfloat16 policies with the same LoRA weights: PEFT's init (B = 0) or, with `lora_scale` > 0, seeded
+    N(0, lora_scale²) weights."""
+    full = Policy(pretrained, lora_dropout=0.0, **kwargs)
+    if lora_scale:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in full.trainable_state_dict().values():
+                p.copy_(torch.randn(p.shape, generator=gen) * lora_scale)
+    half = Policy(pretrained, lora_dropout=0.0, dtype="bfloat16", **kwargs)
+    half.load_trainable_state_dict(full.trainable_state_dict())
+    return full, half
+
+
+def lora(policy: Policy) -> list[torch.Tensor]:
+    return [p for p in policy.model.parameters() if p.requires_grad]
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def test_auto_dtype_follows_device_and_cpu_flags(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flags, expected in [({"avx512f", "avx512_bf16"}, "bfloat16"), ({"amx_bf16"}, "bfloat16"),
+                            ({"avx512f", "avx2"}, "float32"), (set(), "float32")]:
+        monkeypatch.setattr(minirec.policy, "_cpu_flags", lambda flags=flags: flags)
+        assert auto_dtype() == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
+        assert auto_dtype() == ("bfloat16" if native else "float32")
+
+
+def test_auto_bfloat16_keeps_lora_and_optimizer_state_in_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(minirec.policy, "_cpu_flags", lambda: {"avx512_bf16"})
+    policy = Policy("tiny-random-llama", dtype="auto")
+    frozen = [p for p in policy.model.parameters() if not p.requires_grad]
+    assert {p.dtype for p in frozen} == {torch.bfloat16} and {p.dtype for p in lora(policy)} == {torch.float32}
+    ids, mask, comp = sequence(policy)
+    policy.train()
+    logps, emb = policy.forward_sequences(ids, mask, comp)
+    assert logps.dtype == emb.dtype == torch.float32
+    opt = torch.optim.AdamW(lora(policy), lr=1e-3)
+    (emb.sum() - logps.sum()).backward()
+    opt.step()
+    assert all(p.grad.dtype == torch.float32 for p in lora(policy))
+    assert {s.dtype for state in opt.state.values() for s in (state["exp_avg"], state["exp_avg_sq"])} == {torch.float32}
+    monkeypatch.setattr(minirec.policy, "_cpu_flags", lambda: set())
+    base = Policy("tiny-random-llama", dtype="auto").model.get_base_model()
+    assert base.get_input_embeddings().weight.dtype == torch.float32
+
+
+# Measured (bfloat16 vs float32, one chat prompt + a 13-token completion): mean |Δ log-prob| (max; mean |log-prob|),
+# embedding cosine, cosine of the LoRA gradients and of the first AdamW update (lr 1e-4):
+#   tiny-random-qwen2 (LoRA N(0, 0.05²)): 0.0025 (0.0066; 10.9), 0.99989, 0.99976, 0.989
+#   smollm2-135m-instruct (PEFT init):    0.057  (0.15;   5.6),  0.99995, 0.99876, 0.968
+@pytest.mark.parametrize("pretrained, lora_scale, max_logp_diff", [
+    ("tiny-random-qwen2", 0.05, 0.01),
+    ("smollm2-135m-instruct", 0.0, 0.15),
+])
+def test_bfloat16_matches_float32(pretrained, lora_scale, max_logp_diff):
+    full, half = pair(pretrained, lora_scale)
+    c = torch.randn(full.hidden_size, generator=torch.Generator().manual_seed(1)) / full.hidden_size**0.5
+    out = []
+    for policy in (full, half):
+        ids, mask, comp = sequence(policy)
+        logps, emb = policy.forward_sequences(ids, mask, comp)
+        (-logps.sum() / comp.sum() + (emb @ c).mean()).backward()
+        grad, before = flat(p.grad for p in lora(policy)), flat(lora(policy)).clone()
+        torch.optim.AdamW(lora(policy), lr=1e-4).step()
+        out.append((logps[comp].detach(), emb.detach(), grad, flat(lora(policy)) - before))
+    (lp_f, emb_f, grad_f, step_f), (lp_h, emb_h, grad_h, step_h) = out
+    assert (lp_f - lp_h).abs().mean() < max_logp_diff
+    assert cosine(emb_f, emb_h) > 0.99
+    assert cosine(grad_f, grad_h) > 0.99
+    assert cosine(step_f, step_h) > 0.9
+
+
+def test_bfloat16_hessian_vector_product():
+    """Double backward through eager attention works with a bfloat16 base: the H·g vector of
+    `parameter_space_vector(hvp=True)` (as in scoring) is finite and points where float32's does (measured: cosine
+    0.9996, norm ratio 1.03; smollm2-135m-instruct with PEFT init, two prompts: 0.88, 1.17)."""
+    full, half = pair("tiny-random-llama", 0.05, attn_implementation="eager")
+    c = torch.randn(full.hidden_size, generator=torch.Generator().manual_seed(1)) / full.hidden_size**0.5
+    vectors = []
+    for policy in (full, half):
+        ids, mask, comp = sequence(policy)
+        logps, emb = policy.forward_sequences(ids, mask, comp)
+        vectors.append(parameter_space_vector(-logps.sum() / comp.sum() + (emb @ c).mean(), lora(policy), hvp=True))
+    assert vectors[1].dtype == torch.float32 and torch.isfinite(vectors[1]).all()
+    assert cosine(*vectors) > 0.98 and 0.8 < vectors[1].norm() / vectors[0].norm() < 1.25
