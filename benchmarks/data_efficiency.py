@@ -141,9 +141,9 @@ def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str]
         result = train_and_test(policy_spec, folder / name, path, baselines=not rows)
         m = result["metrics"]
         if not rows:
-            for method, strategy in BASELINES.items():
+            for method, row_name in BASELINES.items():
                 rows.append({
-                    "seed": spec.seed, "policy": policy_spec.policy.pretrained, "strategy": strategy, "k": 0,
+                    "seed": spec.seed, "policy": policy_spec.policy.pretrained, "strategy": row_name, "k": 0,
                     "train_samples": 0, "proxy_s": 0.0, "score_s": 0.0, "select_s": 0.0, "train_s": 0.0,
                     "method_s": 0.0, "test_s": 0.0, "train_steps": 0, "best_val_ndcg@10": float("nan"),
                     **{f"test_{n}": result["baselines"][method][n]["mean"]
