@@ -13,13 +13,11 @@ Checkpoints hold only the trainable (LoRA) weights with the optimizer and loop s
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -42,7 +40,7 @@ from minirec.losses import (
     relabel_mask,
 )
 from minirec.metrics import RankingMetrics, TestRecords
-from minirec.policy import Policy, PolicyConfig
+from minirec.policy import Policy, PolicyConfig, eval_mode
 from minirec.recpo import RewardConfig, SamplingConfig, score_rollouts
 from minirec.rewards import mask_history, target_rank
 
@@ -116,17 +114,6 @@ def deepspeed_config(stage: int, grad_clip: float = 1.0) -> dict[str, Any]:
         "gradient_clipping": grad_clip,
         "train_micro_batch_size_per_gpu": 1,
     }
-
-
-@contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Run the block with `module` in eval mode (no dropout), then restore its previous mode."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 class GRPOModule(L.LightningModule):
@@ -333,9 +320,8 @@ class GRPOModule(L.LightningModule):
         a per-row mask `[R, E]` (True = history item, not a negative), or Nones when there are none."""
         if self.optim.rec_negatives == "catalog":
             ids = torch.arange(1, self.catalog.shape[0], device=self.device)
-            mask = torch.zeros(history.shape[0], self.catalog.shape[0], dtype=torch.bool, device=self.device)
-            mask.scatter_(1, history.long(), True)
-            return self.catalog[1:], ids, mask[:, 1:]
+            blocked = mask_history(self.catalog.new_zeros(history.shape[0], self.catalog.shape[0]), history).isinf()
+            return self.catalog[1:], ids, blocked[:, 1:]
         extra, extra_ids = self._other_ranks(item_emb, item_ids)
         return extra, extra_ids, None
 

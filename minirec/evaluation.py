@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from minirec.rewards import ndcg_at_rank
+from minirec.rewards import mask_history, ndcg_at_rank
 
 METHODS = ("policy", "zero_shot", "popularity", "random")
 
@@ -54,11 +54,8 @@ def candidate_counts(history: torch.Tensor, target: torch.Tensor, num_items: int
 
     history `[R, L]` item ids (0 = padding), target `[R]`.
     """
-    seen = torch.zeros(history.shape[0], num_items + 1, dtype=torch.bool, device=history.device)
-    seen.scatter_(1, history.long(), True)
-    seen[:, 0] = False
-    seen[torch.arange(history.shape[0], device=history.device), target.long()] = False
-    return num_items - seen.sum(dim=1)
+    open_ = mask_history(torch.zeros(history.shape[0], num_items + 1, device=history.device), history, target)
+    return torch.isfinite(open_).sum(dim=1)
 
 
 def bootstrap_intervals(

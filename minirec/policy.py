@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -62,6 +63,17 @@ def auto_dtype() -> str:
 def _upcast(x: Tensor) -> Tensor:
     """Half-precision tensors to float32 (float32 and float64 stay)."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Run the block with `module` in eval mode (no dropout), then restore its previous mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class MarkerStop(StoppingCriteria):
@@ -220,9 +232,7 @@ class Policy(torch.nn.Module):
         """
         pad = self.tokenizer.pad_token_id
         stop_ids = self._stop_ids
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             if do_sample:
                 out = self._sample(input_ids, attention_mask, num_samples, temperature, top_k, top_p, max_new_tokens)
             else:
@@ -235,8 +245,6 @@ class Policy(torch.nn.Module):
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                           stopping_criteria=StoppingCriteriaList([stop]))
                 out = out.repeat_interleave(num_samples, dim=0)
-        finally:
-            self.train(was_training)
         cut = stop_ids | {pad}  # generate pads the rows that stopped early
         new = out[:, input_ids.shape[1] :].tolist()
         rows = [finish_completion(r, self.tokenizer, self.answer_marker, cut) for r in new]
