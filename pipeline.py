@@ -18,11 +18,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from callbacks import AdapterExport, CurriculumCallback, ScoreWriter
+from callbacks import AdapterExport, CurriculumCallback, ResumeCheckpoint, ScoreWriter
 from datamodules import RecDataModule
 from lightning_modules import GRPOModule, ScoringModule
 from lightning_modules.grpo import OptimConfig, deepspeed_config
-from minirec.io import DataError, atomic_write_json, atomic_write_text, read_json
+from minirec.io import DataError, atomic_write_json, atomic_write_text, load_checkpoint, read_json
 from minirec.plots import training_curves
 from minirec.policy import PolicyConfig
 from minirec.processing import ProcessingConfig
@@ -65,6 +65,8 @@ class FitStage:
         max_steps: optimizer-step cap (-1 = none).
         val_every_n_steps: validate every n steps (None = by epochs, see val_every_n_epochs).
         val_every_n_epochs: validate at the end of every n-th epoch (when val_every_n_steps is None).
+        save_every_n_steps: write `last.ckpt` every n optimizer steps, mid-epoch too (a kill loses at most n steps;
+            the re-run resumes from it and ends exactly where an unbroken run ends).
         optim: optimisation settings.
     """
 
@@ -73,6 +75,7 @@ class FitStage:
     max_steps: int = -1
     val_every_n_steps: int | None = None
     val_every_n_epochs: int = 1
+    save_every_n_steps: int = 10
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -197,9 +200,9 @@ def run_pipeline(
     result = {"proxy": proxy_done, "score": score_done, "train": train_done, "test": test_done, "seconds": times,
               "loss_impl": train.optim.loss_impl}
     for name in ("proxy", "train"):
-        logs = sorted((run / name / "logs").glob("version_*/metrics.csv"))
-        if logs:
-            training_curves(logs[-1], run / name / "training_curves.png")
+        logs = sorted((run / name / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+        if logs:  # one file per launch of the fit (resumed launches continue the log)
+            training_curves(logs, run / name / "training_curves.png")
     atomic_write_text(run / "report.md", _report(result, run))
     return result
 
@@ -272,6 +275,9 @@ def run_stage(folder: Path, times: dict[str, float], name: str, body) -> dict[st
     marker = folder / "done.json"
     if marker.is_file():
         done = read_json(marker)
+        if not isinstance(done, dict) or not isinstance(done.get("seconds"), (int, float)):
+            raise DataError(f"{marker}: field 'seconds' missing or not a number: not a stage marker of this pipeline; "
+                            "delete it to run the stage again")
         print(f"[pipeline] {name}: already complete, skipped ({marker})")
     else:
         print(f"[pipeline] {name}: running in {folder}")
@@ -300,16 +306,20 @@ def _trainer(folder: Path, device: DeviceConfig, callbacks: list, grad_clip: flo
 
 def _fit(folder: Path, module: GRPOModule, dm: RecDataModule, stage: FitStage, device: DeviceConfig,
          callbacks: list, **kw: Any) -> dict[str, Any]:
-    """Fit with best / last checkpoints and the best adapter exported; resumes from `last.ckpt` when present."""
-    ckpt = ModelCheckpoint(dirpath=folder / "checkpoints", monitor="val/ndcg@10", mode="max", save_last=True,
-                           filename="best")
+    """Fit with the best checkpoint (at validation), `last.ckpt` (`ResumeCheckpoint`) and the best adapter exported;
+    resumes from `last.ckpt` when present. The best checkpoint is overwritten in place (no `-v1` copy after a resume)."""
+    last = folder / "checkpoints" / "last.ckpt"
+    if last.exists():
+        load_checkpoint(last)  # a foreign or broken file is a user error naming it, not a traceback from Lightning
+    ckpt = ModelCheckpoint(dirpath=folder / "checkpoints", monitor="val/ndcg@10", mode="max", filename="best",
+                           enable_version_counter=False)
+    last_ckpt = ResumeCheckpoint(str(folder / "checkpoints"), stage.save_every_n_steps)
     export = AdapterExport(dirpath=str(folder / "adapter_best"))
     val = {"val_check_interval": stage.val_every_n_steps, "check_val_every_n_epoch": None} \
         if stage.val_every_n_steps else {"check_val_every_n_epoch": stage.val_every_n_epochs}
-    trainer = _trainer(folder, device, [ckpt, export, *callbacks], stage.optim.grad_clip,
+    trainer = _trainer(folder, device, [ckpt, last_ckpt, export, *callbacks], stage.optim.grad_clip,
                        logger=CSVLogger(folder, name="logs"),
                        max_epochs=stage.max_epochs, max_steps=stage.max_steps, **val, **kw)
-    last = folder / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
     if not ckpt.best_model_path:
         raise DataError(f"{folder}: no validation ran, so there is no best checkpoint; validate at least once per fit")

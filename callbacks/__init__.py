@@ -1,7 +1,8 @@
-"""Lightning callbacks: adapter export, curriculum stages, score writing and selection."""
+"""Lightning callbacks: adapter export, curriculum stages, resume checkpoints, score writing and selection."""
 
 from callbacks.adapter_export import AdapterExport
 from callbacks.curriculum import CurriculumCallback
+from callbacks.resume_checkpoint import ResumeCheckpoint
 from callbacks.score_writer import ScoreWriter
 
-__all__ = ["AdapterExport", "CurriculumCallback", "ScoreWriter"]
+__all__ = ["AdapterExport", "CurriculumCallback", "ResumeCheckpoint", "ScoreWriter"]

@@ -9,7 +9,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minirec.curriculum import CURRICULUM_MODES, PACINGS, active_ids, current_stage
@@ -83,6 +82,26 @@ class EpochOrder(DistributedSampler):
         return math.ceil(self.size / self.num_replicas)
 
 
+class ShardOrder(DistributedSampler):
+    """Order of an evaluation or scoring loader: this rank's share `rank::world` of positions 0..size-1 (no padding, so
+    over all ranks every sample is served once), cut into batches of `batch_size`, less the batches for which
+    `skip(positions)` is true. A resumed scoring run skips whole batches it has scored, so what is left keeps the
+    batches (and so the random draws) of an unbroken run. Being a DistributedSampler, Lightning leaves it in place."""
+
+    def __init__(self, size: int, batch_size: int, world: int, rank: int,
+                 skip: Callable[[list[int]], bool] | None = None) -> None:
+        super().__init__(range(size), num_replicas=world, rank=rank, shuffle=False)
+        mine = list(range(rank, size, world))
+        batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+        self.positions = [p for batch in batches if skip is None or not skip(batch) for p in batch]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
 class ResumableLoader(DataLoader):
     """Train loader whose position is saved in Lightning checkpoints (`state_dict` / `load_state_dict`): the epoch and
     the number of batches the training loop has processed in it; on resume the same epoch order continues there."""
@@ -97,7 +116,9 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, _, world = self.position()
-        if state["epoch"] == epoch:  # samples consumed over all ranks, before the distributed sampler shards them
+        # a checkpoint from the epoch's last batch: Lightning goes on to the next epoch, which starts at its beginning
+        if state["epoch"] == epoch and state["batches"] < len(self):
+            # samples consumed over all ranks, before the distributed sampler shards them
             self.order.skip = state["batches"] * self.batch_size * state.get("world_size", world)
 
 
@@ -292,15 +313,14 @@ class RecDataModule(L.LightningDataModule):
         return active_ids(self.train_ids, self.train_stages, self.stage, self.curriculum, self.hparams.pacing)
 
     # -- loaders --------------------------------------------------------------------------------------------------
-    def _eval_loader(self, split: str, order: Sequence[int]) -> DataLoader:
-        """Validation / test / predict rows in order, sharded by rank without padding (each sample exactly once)."""
+    def _eval_loader(self, split: str, order: Sequence[int],
+                     skip: Callable[[list[int]], bool] | None = None) -> DataLoader:
+        """Validation / test / predict rows in order, sharded by rank without padding (each sample exactly once);
+        batches whose positions `skip` is true for are left out (see `ShardOrder`)."""
         ds = PromptDataset(self.rows[split], order, self.builder, self.titles)
-        sampler = None
-        if self.trainer is not None and self.trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(
-                ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
-            )
-        return DataLoader(ds, batch_size=self.hparams.eval_batch_size, shuffle=False, sampler=sampler,
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        bs = self.hparams.eval_batch_size
+        return DataLoader(ds, batch_size=bs, sampler=ShardOrder(len(ds), bs, world, rank, skip),
                           collate_fn=self.collate, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
@@ -335,7 +355,8 @@ class RecDataModule(L.LightningDataModule):
         return [int(i) for i in self.rows[self.hparams.predict_split].select(rows)["sample_id"]] if rows else []
 
     def exclude_predict_ids(self, done: set[int]) -> None:
-        """Skip these sample ids in the next predict loader (a resumed scoring run does only what is left)."""
+        """Skip the predict batches made only of these sample ids in the next predict loader (a resumed scoring run
+        scores only what is left, in the batches of an unbroken run)."""
         self.predict_done = set(done)
 
     def _predict_rows(self) -> list[int]:
@@ -345,11 +366,9 @@ class RecDataModule(L.LightningDataModule):
         return self._capped(rows, self.hparams.max_predict_samples, "max_predict_samples")
 
     def predict_dataloader(self) -> DataLoader:
-        split, rows = self.hparams.predict_split, self._predict_rows()
-        if self.predict_done:
-            ids = self.rows[split].select(rows)["sample_id"] if rows else []
-            rows = [r for r, i in zip(rows, ids) if i not in self.predict_done]
-        return self._eval_loader(split, rows)
+        split, rows, done = self.hparams.predict_split, self._predict_rows(), self.predict_done
+        ids = self.rows[split].select(rows)["sample_id"] if rows and done else []
+        return self._eval_loader(split, rows, (lambda batch: all(ids[p] in done for p in batch)) if done else None)
 
     def item_dataloader(self) -> DataLoader:
         """The whole catalogue, item ids 1..N in order (every rank encodes all of it)."""

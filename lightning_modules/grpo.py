@@ -8,7 +8,9 @@ negatives; micro-batched backward with gradient clipping; `loss_impl: reference`
 broadcast. The catalogue is encoded at train start and at every validation (sharded over devices), its in-batch target
 rows are refreshed after each step, and it is fully re-encoded every `catalog_refresh_every_n_steps`. Validation and
 test: greedy reasoning, user embedding, full ranking with history masked, NDCG@K and HR@K for K in 5, 10, 20, 50.
-Checkpoints hold only the trainable (LoRA) weights with the optimizer and loop state.
+Checkpoints hold only the trainable (LoRA) weights with the optimizer and loop state, and the cached catalogue. Each
+training step reseeds torch from (run seed, step, rank), so a fit resumed from any checkpoint ends where an unbroken one
+does.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from minirec.losses import (
 )
 from minirec.metrics import RankingMetrics, TestRecords
 from minirec.policy import Policy, PolicyConfig, eval_mode
-from minirec.recpo import RewardConfig, SamplingConfig, score_rollouts
+from minirec.recpo import RewardConfig, SamplingConfig, reseed, score_rollouts
 from minirec.rewards import mask_history, target_rank
 
 
@@ -153,6 +155,8 @@ class GRPOModule(L.LightningModule):
         self.catalog: torch.Tensor | None = None  # [N+1, H], row 0 = padding
         self.zero_shot_catalog: torch.Tensor | None = None  # [N+1, H], the base model's (adapter off), test only
         self.popularity: torch.Tensor | None = None  # [N+1] training-split target counts, test only
+        self.restored_catalog: torch.Tensor | None = None  # [N+1, H] from the checkpoint a fit resumes from
+        self.run_seed = torch.initial_seed()  # the seed_everything seed: each step reseeds from it (`reseed`)
 
     # -- catalogue ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -192,7 +196,9 @@ class GRPOModule(L.LightningModule):
         self.policy.train()  # the policy loads in eval mode; LoRA dropout is on while fitting
 
     def on_train_start(self) -> None:
-        self.catalog = self.encode_catalog()
+        """Encode the catalogue, unless a resumed fit restored the one the interrupted run was using."""
+        restored, self.restored_catalog = self.restored_catalog, None
+        self.catalog = self.encode_catalog() if restored is None else restored.to(self.device)
 
     def on_validation_epoch_start(self) -> None:
         self.catalog = self.encode_catalog()
@@ -220,6 +226,7 @@ class GRPOModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         G, opt, sched = self.sampling.group_size, self.optimizers(), self.lr_schedulers()
+        reseed(self.run_seed, self.global_step, self.global_rank)
         every = self.optim.catalog_refresh_every_n_steps
         if self.catalog is None or (every and self.global_step > 0 and self.global_step % every == 0):
             self.catalog = self.encode_catalog()
@@ -418,6 +425,12 @@ class GRPOModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only trainable weights in the checkpoint."""
+        """Keep only trainable weights, and the cached catalogue `[N+1, H]` (float32; its rows were encoded at
+        different steps, so a resumed fit could not rebuild it)."""
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self.catalog is not None:
+            checkpoint["catalog"] = self.catalog.detach().cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.restored_catalog = checkpoint.get("catalog")  # used by the resumed fit's `on_train_start`

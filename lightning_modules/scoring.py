@@ -21,7 +21,7 @@ from lightning_modules.grpo import GRPOModule, OptimConfig
 from minirec.io import DataError, load_checkpoint
 from minirec.losses import group_advantages, policy_token_loss
 from minirec.policy import PolicyConfig
-from minirec.recpo import RewardConfig, SamplingConfig, score_rollouts
+from minirec.recpo import RewardConfig, SamplingConfig, reseed, score_rollouts
 from minirec.rewards import mask_history, score_items
 from minirec.selection import RademacherProjection, hidden_hvp_vectors, parameter_space_vector
 
@@ -104,6 +104,7 @@ class ScoringModule(GRPOModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Returns sample_id [B], rewards [B, N], mean_reward [B], user_emb [B, H], rep_vec [B, D]."""
         n = self.sampling.group_size
+        reseed(self.run_seed, int(batch["sample_id"][0]))  # a resumed scoring run draws what an unbroken one does
         comp, comp_mask = self.policy.generate(
             batch["prompt_ids"], batch["prompt_mask"], num_samples=n, do_sample=True,
             temperature=self.sampling.temperature, top_k=self.sampling.top_k, top_p=self.sampling.top_p,

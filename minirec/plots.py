@@ -7,7 +7,7 @@ canvas (no pyplot, no display, safe in worker processes), and writes the PNG ato
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -140,15 +140,27 @@ TRAINING_CURVES = (
 )
 
 
-def training_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Per-step learning signals from a CSVLogger `metrics.csv` (the `TRAINING_CURVES` columns against the step), with
-    validation NDCG@10 on the reward panel's second axis when present."""
+def resumed_log_rows(metrics_csvs: Sequence[str | os.PathLike]) -> list[dict[str, str]]:
+    """The rows of a fit's CSVLogger `metrics.csv` files (one per launch, oldest first) as one log: a resumed launch
+    logs again from its checkpoint's step, so the earlier launches' rows from that step on are dropped."""
     import csv
 
-    with open(metrics_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows: list[dict[str, str]] = []
+    for metrics_csv in metrics_csvs:
+        with open(metrics_csv, newline="") as f:
+            new = [r for r in csv.DictReader(f) if r.get("step") not in (None, "")]
+        if new:
+            start = min(int(r["step"]) for r in new)
+            rows = [r for r in rows if int(r["step"]) < start] + new
+    return rows
+
+
+def training_curves(metrics_csvs: Sequence[str | os.PathLike], path: str | os.PathLike) -> None:
+    """Per-step learning signals of a fit from its CSVLogger `metrics.csv` files (`resumed_log_rows`): the
+    `TRAINING_CURVES` columns against the step, with validation NDCG@10 on the reward panel's second axis."""
+    rows = resumed_log_rows(metrics_csvs)
     if not rows:
-        raise DataError(f"{metrics_csv}: no logged steps to plot")
+        raise DataError(f"{', '.join(map(str, metrics_csvs))}: no logged steps to plot")
     fig = Figure(figsize=(12, 6))
     axes = fig.subplots(2, 3).reshape(-1)
     for ax, (key, title) in zip(axes, TRAINING_CURVES):

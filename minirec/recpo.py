@@ -52,6 +52,17 @@ class RewardConfig:
     softmax_weight: float = 0.05
 
 
+def reseed(run_seed: int, *position: int) -> None:
+    """Seed torch's generators (CPU and accelerators) from the run seed and a position in the run (a training step and
+    rank, or a scoring batch's first sample id). Every random draw of that step or batch (sampling, dropout) is then a
+    function of where it is in the run, not of what ran before it in this process: a run resumed from a checkpoint,
+    or a scoring run resumed from its shards, draws exactly what an unbroken run draws."""
+    seed = run_seed
+    for key in position:
+        seed = (seed * 1_000_003 + key + 1) % 2**63
+    torch.manual_seed(seed)
+
+
 def score_rollouts(
     user_emb: torch.Tensor, catalog: torch.Tensor, target: torch.Tensor, history: torch.Tensor, cfg: RewardConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:

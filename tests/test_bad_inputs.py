@@ -207,6 +207,12 @@ def test_foreign_and_half_written_run_folders(capsys, tmp_path: Path, cache: Pat
     (half / "proxy").mkdir()
     (half / "proxy" / "done.json").write_text('{"adapter": "x", "seco')
     fails(capsys, pipeline_args(half, cache), r"proxy/done\.json:1: malformed JSON", half, cache)
+    (half / "proxy" / "done.json").write_text('{"adapter": "x"}')
+    fails(capsys, pipeline_args(half, cache), r"proxy/done\.json: field 'seconds' missing", half, cache)
+    (half / "proxy" / "done.json").unlink()
+    (half / "proxy" / "checkpoints").mkdir()
+    (half / "proxy" / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 half a checkpoint")
+    fails(capsys, pipeline_args(half, cache), r"proxy/checkpoints/last\.ckpt: unreadable checkpoint", half, cache)
     config = half / "pipeline_config.json"
     config.write_text(config.read_text()[:100])
     fails(capsys, pipeline_args(half, cache), r"pipeline_config\.json:\d+: malformed JSON", half, cache)

@@ -30,7 +30,7 @@ def tiny_run(tmp_path: Path, **over) -> dict:
         sampling=SamplingConfig(group_size=2, max_new_tokens=3),
         proxy=FitStage(subset="random:16", max_epochs=1, optim=optim),
         score=ScoreStage(pool_size=32, num_rollouts=2, ks=(16, 24), num_stages=2),
-        train=FitStage(max_epochs=3, optim=optim),
+        train=FitStage(max_epochs=3, save_every_n_steps=1, optim=optim),
         eval_max_new_tokens=3,
         device=DeviceConfig(accelerator="cpu"),
     )

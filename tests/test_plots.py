@@ -79,8 +79,17 @@ def test_training_curves_from_a_csv_log(tmp_path: Path) -> None:
     lines += [f"{s}," + ",".join(str(0.1 * s + i) for i in range(len(keys))) + "," for s in range(6)]
     lines += ["5," + "," * len(keys) + "0.03"]
     (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
-    plots.training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png")
+    plots.training_curves([tmp_path / "metrics.csv"], tmp_path / "curves.png")
     check_png(tmp_path / "curves.png")
     (tmp_path / "empty.csv").write_text("step\n")
     with pytest.raises(DataError, match="no logged steps"):
-        plots.training_curves(tmp_path / "empty.csv", tmp_path / "none.png")
+        plots.training_curves([tmp_path / "empty.csv"], tmp_path / "none.png")
+
+
+def test_resumed_launches_make_one_log(tmp_path: Path) -> None:
+    """A launch killed at step 4 and resumed from its step-2 checkpoint: steps 0-1 from the first launch, 2-5 from
+    the resumed one (the first launch's steps 2-4 were redone)."""
+    (tmp_path / "a.csv").write_text("step,x\n" + "".join(f"{s},first\n" for s in range(5)))
+    (tmp_path / "b.csv").write_text("step,x\n" + "".join(f"{s},resumed\n" for s in range(2, 6)))
+    rows = plots.resumed_log_rows([tmp_path / "a.csv", tmp_path / "b.csv"])
+    assert [(int(r["step"]), r["x"]) for r in rows] == [(0, "first"), (1, "first")] + [(s, "resumed") for s in range(2, 6)]
