@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,15 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from callbacks import AdapterExport, CurriculumCallback, ResumeCheckpoint, ScoreWriter
 from datamodules import RecDataModule
 from lightning_modules import GRPOModule, ScoringModule
-from lightning_modules.grpo import OptimConfig, deepspeed_config
+from lightning_modules.grpo import OptimConfig
 from minirec.io import DataError, atomic_write_json, atomic_write_text, load_checkpoint, read_json
+from minirec.losses import LossConfig
 from minirec.plots import training_curves
 from minirec.policy import PolicyConfig
 from minirec.processing import ProcessingConfig
 from minirec.prompts import PromptConfig
 from minirec.recpo import RewardConfig, SamplingConfig
+from minirec.subsets import SelectionConfig
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class FitStage:
         val_every_n_epochs: validate at the end of every n-th epoch (when val_every_n_steps is None).
         save_every_n_steps: write `last.ckpt` every n optimizer steps, mid-epoch too (a kill loses at most n steps;
             the re-run resumes from it and ends exactly where an unbroken run ends).
+        epochs_per_stage: the train fit: epochs spent on each curriculum stage before the next unlocks (the proxy
+            fit has no curriculum).
         optim: optimisation settings.
     """
 
@@ -76,6 +80,7 @@ class FitStage:
     val_every_n_steps: int | None = None
     val_every_n_epochs: int = 1
     save_every_n_steps: int = 10
+    epochs_per_stage: int = 1
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -90,12 +95,8 @@ class ScoreStage:
         rep_loss: `full` or `in_batch` (hidden space).
         projection_dim: lora space projected width.
         lora_hvp: lora space: H·g instead of g (double backward; needs `policy.attn_implementation: eager` on CPU).
-        ks: subset sizes selected (prefixes of one greedy run); the first one is trained.
-        strategy: selection strategy (minirec, random, learnability, representativeness, diversity,
-            minirec_no_curriculum).
-        curriculum: `stages`, `folds` or `none`.
-        num_stages: curriculum stages.
-        epochs_per_stage: epochs before the next stage unlocks.
+        selection: how the scored pool becomes selections (`minirec.subsets.SelectionConfig`); the first of its ks is
+            trained; its `seed` is the pipeline's `seed`.
     """
 
     pool_size: int | None = None
@@ -104,11 +105,7 @@ class ScoreStage:
     rep_loss: str = "full"
     projection_dim: int = 8192
     lora_hvp: bool = False
-    ks: tuple[int, ...] = (256,)
-    strategy: str = "minirec"
-    curriculum: str = "stages"
-    num_stages: int = 4
-    epochs_per_stage: int = 1
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
 
 @dataclass(frozen=True)
@@ -138,6 +135,7 @@ class PipelineSpec:
     policy: PolicyConfig = PolicyConfig()
     sampling: SamplingConfig = SamplingConfig()
     reward: RewardConfig = RewardConfig()
+    loss: LossConfig = LossConfig()
     proxy: FitStage = FitStage()
     score: ScoreStage = ScoreStage()
     train: FitStage = FitStage(subset="selection")
@@ -152,7 +150,8 @@ class PipelineSpec:
 
     def module(self, stage: FitStage, **kw: Any) -> GRPOModule:
         """A fresh GRPOModule for one fit stage; `kw` sets its other arguments (e.g. `test_baselines`)."""
-        return GRPOModule(self.policy, self.sampling, self.reward, stage.optim, self.eval_max_new_tokens, **kw)
+        return GRPOModule(policy=self.policy, sampling=self.sampling, reward=self.reward, loss=self.loss,
+                          optim=stage.optim, eval_max_new_tokens=self.eval_max_new_tokens, **kw)
 
 
 def run_pipeline(
@@ -163,6 +162,7 @@ def run_pipeline(
     policy: PolicyConfig = PolicyConfig(),
     sampling: SamplingConfig = SamplingConfig(),
     reward: RewardConfig = RewardConfig(),
+    loss: LossConfig = LossConfig(),
     proxy: FitStage = FitStage(),
     score: ScoreStage = ScoreStage(),
     train: FitStage = FitStage(subset="selection"),
@@ -180,6 +180,7 @@ def run_pipeline(
         policy: model and LoRA settings (the proxy and the final policy start from the same base).
         sampling: rollout sampling for training and scoring.
         reward: reward settings.
+        loss: the RecPO objective, shared by both fits and the LoRA-space scoring.
         proxy: the proxy fit on a small random subset.
         score: scoring and selection.
         train: the fit on the selection, with the curriculum.
@@ -187,7 +188,7 @@ def run_pipeline(
         device: accelerator, devices, strategy, precision.
         seed: global seed.
     """
-    spec = PipelineSpec(processing, prompts, loader, policy, sampling, reward, proxy, score, train,
+    spec = PipelineSpec(processing, prompts, loader, policy, sampling, reward, loss, proxy, score, train,
                         eval_max_new_tokens, device, seed)
     run = Path(run_dir)
     check_run_config(run, spec)
@@ -198,7 +199,7 @@ def run_pipeline(
     train_done = run_stage(run / "train", times, "train", lambda d: fit_subset(spec, d, score_done["selection"]))
     test_done = run_stage(run / "test", times, "test", lambda d: test_best(spec, d, train_done["best_checkpoint"]))
     result = {"proxy": proxy_done, "score": score_done, "train": train_done, "test": test_done, "seconds": times,
-              "loss_impl": train.optim.loss_impl}
+              "loss_impl": loss.loss_impl}
     for name in ("proxy", "train"):
         logs = sorted((run / name / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
         if logs:  # one file per launch of the fit (resumed launches continue the log)
@@ -215,25 +216,25 @@ def fit_proxy(spec: PipelineSpec, folder: Path) -> dict[str, Any]:
 
 
 def score_pool(spec: PipelineSpec, folder: Path, proxy_adapter: str) -> dict[str, Any]:
-    """Score the pool with the proxy and select `spec.score.strategy` for every k; -> selection path and summary."""
+    """Score the pool with the proxy and select for every k (`spec.score.selection`); -> selection path and summary."""
     L.seed_everything(spec.seed)
     score = spec.score
     module = ScoringModule(proxy=proxy_adapter, policy=spec.policy, sampling=spec.sampling, reward=spec.reward,
+                           loss=spec.loss,
                            num_rollouts=score.num_rollouts, space=score.space, rep_loss=score.rep_loss,
                            projection_dim=score.projection_dim, lora_hvp=score.lora_hvp,
                            eval_max_new_tokens=spec.eval_max_new_tokens)
-    writer = ScoreWriter(str(folder), ks=score.ks, strategy=score.strategy, curriculum=score.curriculum,
-                         num_stages=score.num_stages, seed=spec.seed)
+    writer = ScoreWriter(str(folder), replace(score.selection, seed=spec.seed))
     trainer = _trainer(folder, spec.device, [writer], logger=False)
     trainer.predict(module, datamodule=spec.datamodule(max_predict_samples=score.pool_size), return_predictions=False)
     return {"selection": str(folder / "selection.json"), "summary": read_json(folder / "summary.json")}
 
 
 def fit_subset(spec: PipelineSpec, folder: Path, selection: str) -> dict[str, Any]:
-    """The final fit on a selection file, one curriculum stage unlocked per `score.epochs_per_stage` epochs."""
+    """The final fit on a selection file, one curriculum stage unlocked per `train.epochs_per_stage` epochs."""
     L.seed_everything(spec.seed)
     return _fit(folder, spec.module(spec.train), spec.datamodule(subset=selection), spec.train, spec.device,
-                [CurriculumCallback(spec.score.epochs_per_stage)], reload_dataloaders_every_n_epochs=1)
+                [CurriculumCallback(spec.train.epochs_per_stage)], reload_dataloaders_every_n_epochs=1)
 
 
 def test_best(spec: PipelineSpec, folder: Path, checkpoint: str, baselines: bool = True) -> dict[str, Any]:
@@ -290,11 +291,25 @@ def run_stage(folder: Path, times: dict[str, float], name: str, body) -> dict[st
     return done
 
 
+STRATEGY_PRESETS = Path(__file__).resolve().parent / "configs" / "strategy"
+
+
+def deepspeed_settings(stage: int, grad_clip: float) -> dict[str, Any]:
+    """The DeepSpeedStrategy arguments of `configs/strategy/deepspeed-zero{stage}.yaml` (the one source of RecPO's
+    DeepSpeed settings, also used as `minirec fit --config` presets), with this fit's gradient clipping."""
+    import yaml
+
+    path = STRATEGY_PRESETS / f"deepspeed-zero{stage}.yaml"
+    if not path.is_file():
+        raise DataError(f"device.strategy=deepspeed_stage_{stage}: no preset {path} (ZeRO stages 2 and 3 ship)")
+    args = yaml.safe_load(path.read_text())["trainer"]["strategy"]["init_args"]
+    return {**args, "config": {**args["config"], "gradient_clipping": grad_clip}}
+
+
 def _strategy(device: DeviceConfig, grad_clip: float) -> Any:
-    """Lightning strategy: `deepspeed_stage_2` / `deepspeed_stage_3` get RecPO's DeepSpeed config, others pass as is."""
+    """Lightning strategy: `deepspeed_stage_2` / `deepspeed_stage_3` from the shipped DeepSpeed presets, others as is."""
     if device.strategy.startswith("deepspeed_stage_"):
-        stage = int(device.strategy.rsplit("_", 1)[1])
-        return DeepSpeedStrategy(config=deepspeed_config(stage, grad_clip), exclude_frozen_parameters=True)
+        return DeepSpeedStrategy(**deepspeed_settings(int(device.strategy.rsplit("_", 1)[1]), grad_clip))
     return device.strategy
 
 

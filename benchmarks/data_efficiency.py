@@ -22,7 +22,6 @@ headline ratios), quality_vs_k.png and time_vs_k.png into `out`.
 
 from __future__ import annotations
 
-import csv
 import os
 import shlex
 import statistics
@@ -38,9 +37,9 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from bench_common import machine, markdown_table, run_header, save_figure, write_csv
 from cli import pipeline_parser
-from minirec.curriculum import selection_records
-from minirec.io import DataError, atomic_write_json, atomic_write_text
+from minirec.io import DataError, atomic_write_text
 from minirec.selection import STRATEGIES
+from minirec.subsets import ScoreTable, Selection, select_subsets
 from pipeline import PipelineSpec, check_run_config, fit_proxy, fit_subset, run_stage, score_pool, test_best
 
 SCORED = ("minirec", "minirec_no_curriculum", "learnability", "representativeness", "diversity")
@@ -71,40 +70,33 @@ def check_grid(spec: PipelineSpec, ks: list[int], seeds: list[int], strategies: 
         raise DataError(f"data_efficiency.ks: need distinct sizes below the pool size {spec.score.pool_size}, got {ks}")
     if not seeds or len(set(seeds)) < len(seeds):
         raise DataError(f"data_efficiency.seeds: need distinct seeds, got {seeds}")
-    if spec.score.curriculum == "stages" and spec.score.num_stages > min(ks):
-        raise DataError(f"data_efficiency: score.num_stages {spec.score.num_stages} exceeds the smallest k {min(ks)}")
+    selection = spec.score.selection
+    if selection.curriculum == "stages" and selection.num_stages > min(ks):
+        raise DataError(f"data_efficiency: score.selection.num_stages {selection.num_stages} exceeds the smallest k "
+                        f"{min(ks)}")
     if transfer_k is not None and transfer_k not in ks:
         raise DataError(f"data_efficiency.transfer_k: {transfer_k} is not one of ks {ks}")
 
 
-def read_scores(score_dir: Path) -> dict[str, torch.Tensor]:
-    """The scored pool: sample_id, mean_reward, L, R from scores.csv and user_emb from vectors.pt, in pool order."""
-    with open(score_dir / "scores.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    vectors = torch.load(score_dir / "vectors.pt", map_location="cpu", weights_only=True)
-    ids = torch.tensor([int(r["sample_id"]) for r in rows])
-    if not torch.equal(ids, vectors["sample_id"]):
-        raise DataError(f"{score_dir}: scores.csv and vectors.pt list different samples")
-    column = lambda name: torch.tensor([float(r[name]) for r in rows])  # noqa: E731
-    return {"sample_id": ids, "mean_reward": column("mean_reward"), "L": column("L"), "R": column("R"),
-            "emb": vectors["user_emb"].float()}
-
-
-def write_selections(spec: PipelineSpec, table: dict[str, torch.Tensor], strategy: str, ks: list[int],
+def write_selections(spec: PipelineSpec, table: ScoreTable, strategy: str, ks: list[int],
                      folder: Path) -> tuple[dict[int, str], float]:
-    """Selection files `<strategy>_k<k>.json` for every k (one, k = N, for `full`); -> ({k: path}, seconds)."""
-    n = table["sample_id"].numel()
-    ks = [n] if strategy == "full" else ks
-    mode = "none" if strategy in ("full", "random", "minirec_no_curriculum") else spec.score.curriculum
-    start = time.perf_counter()
-    _, records = selection_records(strategy, ks, table["sample_id"], table["mean_reward"], mode=mode,
-                                   num_stages=spec.score.num_stages, seed=spec.seed, L=table["L"], R=table["R"],
-                                   emb=table["emb"])
+    """Selection files `<strategy>_k<k>.json` for every k from the score table (`minirec.subsets.select_subsets`;
+    one file, k = N in pool order, for `full`); -> ({k: path}, seconds). `random` and `full` get no curriculum."""
+    n = table.sample_id.numel()
+    fingerprint, start = spec.processing.fingerprint(), time.perf_counter()
+    if strategy == "full":
+        ids = table.sample_id.tolist()
+        selections = {n: Selection(ids=ids, stages=[0] * n, curriculum="none", fingerprint=fingerprint, k=n,
+                                   strategy="full", selection_order=ids, pool_size=n)}
+    else:
+        curriculum = "none" if strategy == "random" else spec.score.selection.curriculum
+        config = replace(spec.score.selection, strategy=strategy, ks=tuple(ks), curriculum=curriculum, seed=spec.seed)
+        selections = select_subsets(table, config, fingerprint).selections
     seconds = time.perf_counter() - start
     paths = {}
-    for k, record in records.items():
+    for k, selection in selections.items():
         paths[k] = str(folder / f"{strategy}_k{k}.json")
-        atomic_write_json(paths[k], {"fingerprint": spec.processing.fingerprint(), **record, "pool_size": n})
+        selection.save(paths[k])
     return paths, seconds
 
 
@@ -132,7 +124,7 @@ def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str]
     times: dict[str, float] = {}
     proxy = run_stage(folder / "proxy", times, "proxy", lambda d: fit_proxy(spec, d))
     run_stage(folder / "scores", times, "score", lambda d: score_pool(spec, d, proxy["adapter"]))
-    table = read_scores(folder / "scores")
+    table = ScoreTable.load(folder / "scores" / "score_table.pt")
     rows = []
 
     def add(policy_spec: PipelineSpec, strategy: str, k: int, path: str, select_s: float, name: str) -> None:
@@ -246,7 +238,7 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], spec: PipelineSpec
         f"Dataset `{spec.processing.dataset}`; policy `{spec.policy.pretrained}`; pool (full data) N = "
         f"{spec.score.pool_size or 'whole training split'}; ks {info['ks']}; seeds {info['seeds']}; proxy on `{spec.proxy.subset}` for "
         f"{spec.proxy.max_epochs} epoch(s); training {spec.train.max_epochs} epochs, curriculum "
-        f"`{spec.score.curriculum}` with {spec.score.num_stages} stages; test on {spec.loader.max_test_samples} samples "
+        f"`{spec.score.selection.curriculum}` with {spec.score.selection.num_stages} stages; test on {spec.loader.max_test_samples} samples "
         f"at the best-valid checkpoint ({spec.loader.max_val_samples} validation samples).", "",
         "Method time = what the method needs: full and random = training; the scored strategies = proxy + scoring + "
         "selection + training. Mean ± std over seeds.", "",
@@ -294,7 +286,8 @@ def run_benchmark(
     check_grid(spec, ks, seeds, strategies, transfer_k)
     if transfer_policy is not None and transfer_k is None:
         raise DataError("data_efficiency: transfer_policy needs transfer_k")
-    spec = replace(spec, score=replace(spec.score, ks=tuple(ks), strategy="minirec"))
+    selection = replace(spec.score.selection, ks=tuple(ks), strategy="minirec")
+    spec = replace(spec, score=replace(spec.score, selection=selection))
     start = time.perf_counter()
     rows = [r for seed in seeds
             for r in run_seed(replace(spec, seed=seed), Path(work_dir), ks, strategies, transfer_policy, transfer_k)]

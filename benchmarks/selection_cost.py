@@ -38,13 +38,8 @@ import torch
 
 from bench_common import machine, markdown_table, proc_bytes, save_figure, write_csv
 from minirec.io import atomic_write_text
-from minirec.selection import (
-    greedy_value_selection,
-    hidden_hvp_vectors,
-    k_center_selection,
-    learnability,
-    representativeness,
-)
+from minirec.representativeness import hidden_hvp_vectors
+from minirec.selection import greedy_value_selection, k_center_selection, learnability, representativeness
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SELECTION_OPS = ("greedy", "k_center")
@@ -225,7 +220,7 @@ def run_cases(plan: Plan, threads: int = 0) -> tuple[list[dict[str, Any]], list[
     """Measure every case, each in a fresh process forked from a clean fork server, with `threads` torch threads
     (0: torch's default) -> (CSV rows, skipped cases with the reason, threads used)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "minirec.selection"])
+    ctx.set_forkserver_preload(["torch", "minirec.selection", "minirec.representativeness"])
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     used = 0

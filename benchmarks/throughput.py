@@ -20,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,7 @@ def _policy_config(model: str) -> PolicyConfig:
 
 def measure_rollouts(model: str, plan: Plan, cache: str) -> list[dict[str, Any]]:
     """Generated tokens per second of sampled rollouts for each prompt batch size (median over repeats)."""
-    policy = Policy(**asdict(_policy_config(model)))
+    policy = Policy(_policy_config(model))
     batch = next(iter(_datamodule(model, cache, max(plan.rollout_batches), max(plan.rollout_batches))
                       .predict_dataloader()))
     rows = []

@@ -12,6 +12,7 @@ Flow (METHOD.md §5 steps 5-7):
 from __future__ import annotations
 
 import csv
+from dataclasses import asdict
 import hashlib
 import io
 import json
@@ -25,13 +26,11 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from minirec import plots
-from minirec.curriculum import CURRICULUM_MODES, selection_records
 from minirec.io import DataError, atomic_file, atomic_write_json, atomic_write_text, read_json
-from minirec.selection import STRATEGIES, learnability, representativeness, value_scores
+from minirec.subsets import ScoreTable, SelectionConfig, select_subsets
 
 # predict_step output per batch: name -> number of dimensions (first dimension = batch size B)
 PREDICTION_FIELDS = {"sample_id": 1, "rewards": 2, "mean_reward": 1, "user_emb": 2, "rep_vec": 2}
-SELECTION_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CSV_COLUMNS = ("sample_id", "rewards", "mean_reward", "L", "R", "q", "selected_rank", "stage")
 
 
@@ -55,74 +54,25 @@ class ScoreWriter(BasePredictionWriter):
     scored with, is recorded as the selections' `proxy_checkpoint`), and the datamodule has
     `processing.fingerprint()`, `predict_pool_ids()` and `exclude_predict_ids(done)` (RecDataModule).
 
-    Writes into `output_dir`: `fingerprint.json`, `shards/`, `scores.csv`, `vectors.pt`, `selection_k{k}.json` per k,
-    the plots `reward_hist.png`, `l_vs_r.png`, `selected_vs_pool.png`, `curriculum.png` (for the largest k),
-    `summary.json`, and last `selection.json` (= the selection for the first k, the one the next stage trains on).
-    A killed predict resumes: shards already written are not scored again.
+    Writes into `output_dir`: `fingerprint.json`, `shards/`, `score_table.pt` (the merged `ScoreTable`), `scores.csv`,
+    `selection_k{k}.json` per k, the plots `reward_hist.png`, `l_vs_r.png`, `selected_vs_pool.png`, `curriculum.png`
+    (for the largest k), `summary.json`, and last `selection.json` (= the selection for the first k, the one the next
+    stage trains on). The selections come from `minirec.subsets.select_subsets`. A killed predict resumes: shards
+    already written are not scored again.
 
     Args:
         output_dir: folder of the artefacts; reuse it only for the same dataset, scoring settings and pool.
-        ks: subset sizes; one selection file each; the first is copied to `selection.json`.
-        strategy: one of `minirec`, `minirec_no_curriculum`, `random`, `learnability`, `representativeness`,
-            `diversity` (`full` needs no scoring: train with `data.subset: all`).
-        alpha: weight of learnability in q = alpha·L + R.
-        mu: reward at which learnability peaks.
-        sigma: learnability width; null = the standard deviation of r̄ over the pool.
-        curriculum: `stages`, `folds` or `none` (`minirec_no_curriculum` always uses `none`).
-        num_stages: curriculum stages (`stages` mode); at most the smallest k.
-        fold_size: samples per fold (`folds` mode).
-        seed: seed of the `random` strategy (the `folds` order is fixed: METHOD.md §5.6).
-        selection_dtype: dtype of the normalised embeddings in greedy selection (`float32`, `float16`, `bfloat16`).
+        selection: how the scored pool becomes selections (strategy, ks, L / q parameters, curriculum).
     """
 
-    def __init__(
-        self,
-        output_dir: str,
-        ks: Sequence[int] = (256,),
-        strategy: str = "minirec",
-        alpha: float = 1.0,
-        mu: float = 0.5,
-        sigma: float | None = None,
-        curriculum: str = "stages",
-        num_stages: int = 4,
-        fold_size: int = 64,
-        seed: int = 0,
-        selection_dtype: str = "float32",
-    ) -> None:
+    def __init__(self, output_dir: str, selection: SelectionConfig = SelectionConfig()) -> None:
         super().__init__(write_interval="batch")
-        ks = list(ks)
-        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks) or len(set(ks)) < len(ks):
-            raise DataError(f"ScoreWriter.ks: need distinct positive integer subset sizes, got {ks}")
-        if strategy not in STRATEGIES or strategy == "full":
-            choices = ", ".join(s for s in STRATEGIES if s != "full")
-            raise DataError(f"ScoreWriter.strategy: choose one of {choices} (got {strategy!r}); "
-                            "'full' needs no scoring: train with data.subset: all")
-        if curriculum not in CURRICULUM_MODES:
-            raise DataError(f"ScoreWriter.curriculum: choose one of {', '.join(CURRICULUM_MODES)}, got {curriculum!r}")
-        if selection_dtype not in SELECTION_DTYPES:
-            raise DataError(f"ScoreWriter.selection_dtype: choose one of {', '.join(SELECTION_DTYPES)}, "
-                            f"got {selection_dtype!r}")
-        if fold_size < 1:
-            raise DataError(f"ScoreWriter.fold_size: must be >= 1, got {fold_size}")
-        self.mode = "none" if strategy == "minirec_no_curriculum" else curriculum
-        if self.mode == "stages" and not 1 <= num_stages <= min(ks):
-            raise DataError(f"ScoreWriter.num_stages: must lie in 1..{min(ks)} (the smallest of ks), got {num_stages}")
         self.output_dir = Path(output_dir)
         self.shard_dir = self.output_dir / "shards"
-        self.ks, self.strategy, self.alpha, self.mu, self.sigma = ks, strategy, alpha, mu, sigma
-        self.curriculum, self.num_stages, self.fold_size, self.seed = curriculum, num_stages, fold_size, seed
-        self.selection_dtype = selection_dtype
+        self.selection = selection
         self.fingerprint: dict[str, Any] = {}
         self.previously_scored = 0
         self.start_time = 0.0
-
-    def config(self) -> dict[str, Any]:
-        """The writer's settings, as recorded in every selection file."""
-        return {
-            "ks": self.ks, "strategy": self.strategy, "alpha": self.alpha, "mu": self.mu, "sigma": self.sigma,
-            "curriculum": self.curriculum, "num_stages": self.num_stages, "fold_size": self.fold_size,
-            "seed": self.seed, "selection_dtype": self.selection_dtype,
-        }
 
     # -- before the predict loader exists ---------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -141,9 +91,9 @@ class ScoreWriter(BasePredictionWriter):
         if not callable(getattr(pl_module, "scoring_config", None)):
             raise DataError(f"ScoreWriter needs a scoring module with scoring_config(); got {type(pl_module).__name__}")
         pool = dm.predict_pool_ids()
-        too_big = [k for k in self.ks if k > len(pool)]
+        too_big = [k for k in self.selection.ks if k > len(pool)]
         if too_big:
-            raise DataError(f"ScoreWriter.ks: subset sizes {too_big} exceed the scoring pool of {len(pool)} samples")
+            raise DataError(f"selection.ks: subset sizes {too_big} exceed the scoring pool of {len(pool)} samples")
         self.fingerprint = _normalised({
             "dataset": dm.processing.fingerprint(),
             "scoring": pl_module.scoring_config(),
@@ -269,48 +219,40 @@ class ScoreWriter(BasePredictionWriter):
         return {k: torch.cat([part[k] for part in parts])[index] for k in PREDICTION_FIELDS}
 
     def _merge(self, pool: list[int]) -> None:
-        table = self.merged_table(pool)
-        ids, rewards, mean = table["sample_id"], table["rewards"].float(), table["mean_reward"].float()
-        L_, R_ = learnability(mean, self.mu, self.sigma), representativeness(table["rep_vec"])
-        q = value_scores(L_, R_, self.alpha)
-        order, records = selection_records(
-            self.strategy, self.ks, ids, mean, mode=self.mode, num_stages=self.num_stages, fold_size=self.fold_size,
-            seed=self.seed, L=L_, R=R_, emb=table["user_emb"], alpha=self.alpha,
-            dtype=SELECTION_DTYPES[self.selection_dtype])
+        table = ScoreTable(**self.merged_table(pool))
+        config = self.selection
+        result = select_subsets(table, config, self.fingerprint["dataset"],
+                                config={**asdict(config), "scoring": self.fingerprint["scoring"]},
+                                proxy_checkpoint=self.fingerprint["scoring"].get("proxy"))
+        ids, rewards, mean = table.sample_id, table.rewards.float(), table.mean_reward.float()
+        order, selections = result.order, result.selections
+        per_k = {str(k): {name: float(v[order[:k]].mean()) for name, v in
+                          (("mean_reward", mean), ("mean_L", result.L), ("mean_R", result.R), ("mean_q", result.q))}
+                 for k in selections}
         row_of = {int(s): r for r, s in enumerate(ids.tolist())}
-        selections, per_k = {}, {}
-        for k, record in records.items():
-            chosen = order[:k]
-            selections[k] = {
-                "fingerprint": self.fingerprint["dataset"], **record,
-                "config": {**self.config(), "scoring": self.fingerprint["scoring"]},
-                "pool_size": len(pool), "proxy_checkpoint": self.fingerprint["scoring"].get("proxy"),
-            }
-            per_k[str(k)] = {name: float(v[chosen].mean()) for name, v in
-                             (("mean_reward", mean), ("mean_L", L_), ("mean_R", R_), ("mean_q", q))}
-        k_max = max(self.ks)
+        k_max = max(config.ks)
         rank = torch.full((len(pool),), -1, dtype=torch.long)
         rank[order] = torch.arange(k_max)
         stage = torch.full((len(pool),), -1, dtype=torch.long)
-        curriculum_rows = [row_of[i] for i in selections[k_max]["ids"]]
-        stage[curriculum_rows] = torch.tensor(selections[k_max]["stages"])
+        curriculum_rows = [row_of[i] for i in selections[k_max].ids]
+        stage[curriculum_rows] = torch.tensor(selections[k_max].stages)
 
-        self._write_csv(ids, rewards, mean, L_, R_, q, rank, stage)
-        atomic_torch_save({k: table[k] for k in ("sample_id", "user_emb", "rep_vec")}, self.output_dir / "vectors.pt")
+        self._write_csv(ids, rewards, mean, result.L, result.R, result.q, rank, stage)
+        table.save(self.output_dir / "score_table.pt")
         plots.reward_histogram(mean, self.output_dir / "reward_hist.png")
-        plots.learnability_vs_representativeness(L_, R_, order, self.output_dir / "l_vs_r.png")
-        plots.selected_vs_pool(table["user_emb"], order, self.output_dir / "selected_vs_pool.png")
-        plots.curriculum_order(mean[curriculum_rows], selections[k_max]["stages"], self.output_dir / "curriculum.png")
+        plots.learnability_vs_representativeness(result.L, result.R, order, self.output_dir / "l_vs_r.png")
+        plots.selected_vs_pool(table.user_emb, order, self.output_dir / "selected_vs_pool.png")
+        plots.curriculum_order(mean[curriculum_rows], selections[k_max].stages, self.output_dir / "curriculum.png")
         for k, sel in selections.items():
-            atomic_write_json(self.output_dir / f"selection_k{k}.json", sel)
+            sel.save(self.output_dir / f"selection_k{k}.json")
         atomic_write_json(self.output_dir / "summary.json", {
             "pool_size": len(pool), "num_rollouts": rewards.shape[1], "mean_reward": float(mean.mean()),
             "frac_all_rewards_zero": float((rewards == 0).all(dim=1).float().mean()),
-            "pool_mean_L": float(L_.mean()), "pool_mean_R": float(R_.mean()),
-            "strategy": self.strategy, "curriculum": self.mode, "per_k": per_k,
+            "pool_mean_L": float(result.L.mean()), "pool_mean_R": float(result.R.mean()),
+            "strategy": config.strategy, "curriculum": config.mode, "per_k": per_k,
             "previously_scored": self.previously_scored, "seconds": round(time.perf_counter() - self.start_time, 3),
         })
-        atomic_write_json(self.output_dir / "selection.json", selections[self.ks[0]])  # last: marks the stage done
+        selections[config.ks[0]].save(self.output_dir / "selection.json")  # last: marks the stage done
 
     def _write_csv(self, ids: torch.Tensor, rewards: torch.Tensor, mean: torch.Tensor, L_: torch.Tensor,
                    R_: torch.Tensor, q: torch.Tensor, rank: torch.Tensor, stage: torch.Tensor) -> None:

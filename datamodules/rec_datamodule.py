@@ -11,10 +11,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from minirec.curriculum import CURRICULUM_MODES, PACINGS, active_ids, current_stage
-from minirec.io import DataError, allow_in_checkpoints, read_json
+from minirec.curriculum import PACINGS, active_ids, current_stage
+from minirec.io import DataError, allow_in_checkpoints
 from minirec.processing import ProcessingConfig, build_dataset
 from minirec.prompts import PromptBuilder, PromptConfig
+from minirec.subsets import Selection
 
 SPLITS = ("train", "valid", "test")
 allow_in_checkpoints(ProcessingConfig, PromptConfig)
@@ -271,25 +272,12 @@ class RecDataModule(L.LightningDataModule):
         return self._selection_file(Path(spec), pool_rows)
 
     def _selection_file(self, path: Path, pool_rows: list[int]) -> tuple[list[int], list[int], str]:
-        sel = read_json(path)
-        for field in ("ids", "stages", "fingerprint"):
-            if field not in sel:
-                raise DataError(f"{path}: missing field '{field}'")
-        if sel["fingerprint"] != self.processing.fingerprint():
-            raise DataError(
-                f"{path}: made for dataset fingerprint {sel['fingerprint']}, but data.processing has "
-                f"{self.processing.fingerprint()}; use a selection made on this dataset"
-            )
-        if len(sel["ids"]) != len(sel["stages"]):
-            raise DataError(f"{path}: 'ids' has {len(sel['ids'])} entries but 'stages' has {len(sel['stages'])}")
+        sel = Selection.load(path, fingerprint=self.processing.fingerprint())
         row_of = {sid: r for r, sid in enumerate(self.data["train"]["sample_id"])}
-        unknown = [i for i in sel["ids"] if i not in row_of]
+        unknown = [i for i in sel.ids if i not in row_of]
         if unknown:
             raise DataError(f"{path}: field 'ids' names {len(unknown)} unknown training sample id(s), e.g. {unknown[:5]}")
-        mode = sel.get("curriculum", "stages")
-        if mode not in CURRICULUM_MODES:
-            raise DataError(f"{path}: field 'curriculum' must be one of {CURRICULUM_MODES}, got {mode!r}")
-        return [row_of[i] for i in sel["ids"]], [int(s) for s in sel["stages"]], mode
+        return [row_of[i] for i in sel.ids], sel.stages, sel.curriculum
 
     # -- curriculum -----------------------------------------------------------------------------------------------
     @property

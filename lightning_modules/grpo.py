@@ -15,15 +15,14 @@ does.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
+from lightning_modules.policy_module import PolicyModule
 from minirec.evaluation import (
     bootstrap_intervals,
     candidate_counts,
@@ -32,24 +31,17 @@ from minirec.evaluation import (
     per_sample_metrics,
     random_expectation,
 )
-from minirec.io import DataError, allow_in_checkpoints, atomic_write_json, atomic_write_text
-from minirec.losses import (
-    dedupe_targets,
-    group_advantages,
-    loss_weights,
-    policy_token_loss,
-    rec_infonce_loss,
-    relabel_mask,
-)
+from minirec.io import ConfigError, allow_in_checkpoints, atomic_write_json, atomic_write_text
+from minirec.losses import LossConfig, RecPOLoss, dedupe_targets
 from minirec.metrics import RankingMetrics, TestRecords
-from minirec.policy import Policy, PolicyConfig, eval_mode
-from minirec.recpo import RewardConfig, SamplingConfig, reseed, score_rollouts
+from minirec.policy import PolicyConfig, eval_mode
+from minirec.recpo import RewardConfig, SamplingConfig, reseed, rollout_forward, sample_rollouts, score_rollouts
 from minirec.rewards import mask_history, target_rank
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """RecPO optimisation settings.
+    """RecPO optimisation settings (the objective's are in `LossConfig`).
 
     Args:
         lr: AdamW learning rate (constant schedule after `warmup_steps`).
@@ -58,17 +50,6 @@ class OptimConfig:
         grad_clip: gradient-norm clip (0 = off).
         micro_batch_size: rollout rows per forward/backward (the B x G rows of a step are split into these).
         ppo_epochs: updates per rollout batch; with 1 the ratio ρ is exactly 1.
-        eps_low: lower clip ε.
-        eps_high: upper clip ε.
-        loss_agg: token loss aggregation: token_mean, seq_mean or dr_grpo.
-        advantage: gaussian or leave_one_out.
-        relabel_topk: rollouts per group that receive the recommendation loss.
-        kl_beta: weight of the KL to the frozen base model (0 = none, no reference forward).
-        rec_loss_weight: weight of the recommendation loss in the total loss.
-        rec_negatives: negatives of the recommendation loss: `in_batch` (the method's: the other in-batch targets, and
-            other devices' targets) or `catalog` (also every other item of the cached, detached catalogue, history
-            masked; for small batches, where in-batch negatives are too few to rank the catalogue).
-        loss_impl: intended (per-row advantages) or reference (the published code's broadcast; for parity only).
         catalog_refresh_every_n_steps: full catalogue re-encode period in steps (0 = only at train start/validation).
     """
 
@@ -78,47 +59,17 @@ class OptimConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 4
     ppo_epochs: int = 1
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    loss_agg: str = "token_mean"
-    advantage: str = "gaussian"
-    relabel_topk: int = 1
-    kl_beta: float = 0.0
-    rec_loss_weight: float = 1.0
-    rec_negatives: str = "in_batch"
-    loss_impl: str = "intended"
     catalog_refresh_every_n_steps: int = 0
 
     def __post_init__(self) -> None:
-        checks = {
-            "loss_agg": (self.loss_agg, ("token_mean", "seq_mean", "dr_grpo")),
-            "advantage": (self.advantage, ("gaussian", "leave_one_out")),
-            "loss_impl": (self.loss_impl, ("intended", "reference")),
-            "rec_negatives": (self.rec_negatives, ("in_batch", "catalog")),
-        }
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise DataError(f"model.optim.{name} must be one of {allowed}, got {value!r}")
         if self.micro_batch_size < 1 or self.ppo_epochs < 1:
-            raise DataError("model.optim.micro_batch_size and model.optim.ppo_epochs must be ≥ 1")
+            raise ConfigError("model.optim.micro_batch_size and model.optim.ppo_epochs must be ≥ 1")
 
 
-allow_in_checkpoints(PolicyConfig, SamplingConfig, RewardConfig, OptimConfig)
+allow_in_checkpoints(LossConfig, OptimConfig)
 
 
-def deepspeed_config(stage: int, grad_clip: float = 1.0) -> dict[str, Any]:
-    """DeepSpeed config for RecPO (the same as configs/strategy/deepspeed-zero{2,3}.yaml): ZeRO `stage`; DeepSpeed's
-    own accumulation counter off, because `training_step` runs several backward passes per optimizer step and its
-    `optimizer.step()` is the boundary; clipping by DeepSpeed (Lightning skips `clip_gradients` under DeepSpeed)."""
-    return {
-        "zero_optimization": {"stage": stage},
-        "managed_gradient_accumulation": False,
-        "gradient_clipping": grad_clip,
-        "train_micro_batch_size_per_gpu": 1,
-    }
-
-
-class GRPOModule(L.LightningModule):
+class GRPOModule(PolicyModule):
     """RecPO policy training and evaluation; see the module docstring for the feature list."""
 
     def __init__(
@@ -126,6 +77,7 @@ class GRPOModule(L.LightningModule):
         policy: PolicyConfig = PolicyConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         reward: RewardConfig = RewardConfig(),
+        loss: LossConfig = LossConfig(),
         optim: OptimConfig = OptimConfig(),
         eval_max_new_tokens: int = 256,
         ks: tuple[int, ...] = (5, 10, 20, 50),
@@ -136,57 +88,27 @@ class GRPOModule(L.LightningModule):
             policy: model, LoRA and answer-marker settings.
             sampling: rollout sampling (G, temperature, top-k, top-p, max new tokens).
             reward: score temperature and reward mix.
-            optim: optimisation and loss settings.
-            eval_max_new_tokens: longest greedy reasoning in validation / test / predict.
+            loss: the RecPO objective (advantages, clipping, aggregation, KL, rec loss and its negatives).
+            optim: optimiser, clipping, micro-batches, PPO epochs, catalogue refresh.
+            eval_max_new_tokens: longest greedy reasoning in validation / test.
             ks: cut-offs of the NDCG@K / HR@K metrics.
             test_baselines: test also the zero-shot policy (adapter off) and popularity on the same samples (the
                 random expectation is always reported); writes `test_report.md` / `test_metrics.json` with 95 %
                 bootstrap intervals to the trainer's `default_root_dir`.
         """
-        super().__init__()
+        super().__init__(policy, reward, eval_max_new_tokens)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable weights
-        self.policy_config = policy  # hparams hold the parsed config (a dict) when LightningCLI built the module
-        self.policy = Policy(**asdict(policy))
-        self.sampling, self.reward, self.optim = sampling, reward, optim
+        self.sampling, self.optim = sampling, optim
+        self.loss = RecPOLoss(loss, sampling.group_size, reward.tau)
         self.val_metrics = RankingMetrics(ks)
         self.test_records = TestRecords()
-        self.catalog: torch.Tensor | None = None  # [N+1, H], row 0 = padding
         self.zero_shot_catalog: torch.Tensor | None = None  # [N+1, H], the base model's (adapter off), test only
         self.popularity: torch.Tensor | None = None  # [N+1] training-split target counts, test only
         self.restored_catalog: torch.Tensor | None = None  # [N+1, H] from the checkpoint a fit resumes from
-        self.run_seed = torch.initial_seed()  # the seed_everything seed: each step reseeds from it (`reseed`)
 
     # -- catalogue ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_catalog(self, shard: bool = True) -> torch.Tensor:
-        """Encode all items in eval mode (no dropout, like user embeddings): [N+1, H] (row 0 zeros). `shard`: split the
-        items over ranks and all_gather (every rank must call); otherwise this rank encodes the whole catalogue alone
-        (no collectives). Non-finite embeddings raise FloatingPointError."""
-        dm = self.trainer.datamodule
-        n, bs = dm.num_items, dm.hparams.item_batch_size
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if shard else (1, 0)
-        per_rank = math.ceil(n / world)
-        mine = list(range(1 + rank * per_rank, 1 + min(n, (rank + 1) * per_rank)))
-        by_length = sorted(range(len(mine)), key=lambda i: len(dm.items[mine[i] - 1]["prompt_ids"]))  # less padding
-        local = torch.zeros(len(mine), self.policy.hidden_size, device=self.device)
-        with eval_mode(self.policy):
-            for start in range(0, per_rank, bs):
-                rows = by_length[start : start + bs]
-                prompt_ids, prompt_mask = dm.item_prompt_batch([mine[i] for i in rows] or [1])  # same calls per rank
-                emb = self.policy.encode(prompt_ids.to(self.device), prompt_mask.to(self.device)).float()
-                local[rows] = emb[: len(rows)]
-        if not torch.isfinite(local).all():
-            bad = [mine[i] for i in torch.nonzero(~torch.isfinite(local).all(1)).flatten().tolist()[:5] if i < len(mine)]
-            raise FloatingPointError(f"non-finite item embeddings at global step {self.global_step}; item ids {bad}")
-        padded = torch.zeros(per_rank, local.shape[1], device=self.device)
-        padded[: len(local)] = local
-        gathered = self.all_gather(padded) if world > 1 else padded[None]
-        catalog = torch.zeros(n + 1, local.shape[1], device=self.device)
-        catalog[1:] = gathered.reshape(-1, local.shape[1])[:n]
-        return catalog
-
     def _item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings [U, H] of the given item ids, with gradient."""
         prompt_ids, prompt_mask = self.trainer.datamodule.item_prompt_batch(item_ids.tolist())
@@ -211,77 +133,49 @@ class GRPOModule(L.LightningModule):
             self.popularity = self.trainer.datamodule.item_popularity().float().to(self.device)
 
     # -- training -------------------------------------------------------------------------------------------------
-    def _micro_batches(self, rows: int) -> list[slice]:
-        mb = self.optim.micro_batch_size
-        return [slice(i, min(i + mb, rows)) for i in range(0, rows, mb)]
-
-    def _forward_rows(self, seq, mask, comp_pos) -> tuple[torch.Tensor, torch.Tensor]:
-        """No-grad forward in micro-batches: token log-probs [R, S] and user embeddings [R, H]."""
-        lps, hs = [], []
-        for sl in self._micro_batches(seq.shape[0]):
-            lp, h = self.policy.forward_sequences(seq[sl], mask[sl], comp_pos[sl])
-            lps.append(lp)
-            hs.append(h.float())
-        return torch.cat(lps), torch.cat(hs)
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        G, opt, sched = self.sampling.group_size, self.optimizers(), self.lr_schedulers()
+        """Rollout → reward → loss → update: G rollouts per prompt, their rewards against the cached catalogue, then
+        `ppo_epochs` updates of the RecPO loss over micro-batches of rows, and the in-batch catalogue rows refreshed."""
+        opt, sched, mb = self.optimizers(), self.lr_schedulers(), self.optim.micro_batch_size
         reseed(self.run_seed, self.global_step, self.global_rank)
         every = self.optim.catalog_refresh_every_n_steps
         if self.catalog is None or (every and self.global_step > 0 and self.global_step % every == 0):
             self.catalog = self.encode_catalog()
 
         t0 = time.perf_counter()
-        comp, comp_mask = self.policy.generate(
-            batch["prompt_ids"], batch["prompt_mask"], num_samples=G, do_sample=True,
-            temperature=self.sampling.temperature, top_k=self.sampling.top_k, top_p=self.sampling.top_p,
-            max_new_tokens=self.sampling.max_new_tokens,
-        )
-        gen_seconds = time.perf_counter() - t0
-        rep = lambda x: x.repeat_interleave(G, dim=0)  # noqa: E731  [B, ...] -> [B x G, ...]
-        target, history = rep(batch["target"]), rep(batch["history"])
-        seq, mask, comp_pos = self.policy.join(rep(batch["prompt_ids"]), rep(batch["prompt_mask"]), comp, comp_mask)
-
+        ro = sample_rollouts(self.policy, batch, self.sampling)
         t1 = time.perf_counter()
-        with torch.no_grad(), eval_mode(self.policy):
-            old_lp, h = self._forward_rows(seq, mask, comp_pos)
-            ref_lp = None
-            if self.optim.kl_beta > 0:
-                with self.policy.model.disable_adapter():
-                    ref_lp, _ = self._forward_rows(seq, mask, comp_pos)
-        rewards, _ = score_rollouts(h, self.catalog, target, history, self.reward)
-        adv = group_advantages(rewards, G, self.optim.advantage)
-        relabel = relabel_mask(rewards, G, self.optim.relabel_topk)
-        token_adv, rec_w = loss_weights(adv, relabel, G, self.optim.loss_impl)
+        old_lp, h = rollout_forward(self.policy, ro, mb)
+        ref_lp = None
+        if self.loss.config.kl_beta > 0:
+            with self.policy.model.disable_adapter():
+                ref_lp, _ = rollout_forward(self.policy, ro, mb)
+        rewards, _ = score_rollouts(h, self.catalog, ro.target, ro.history, self.reward)
         self._check_finite("reward", rewards, batch)
+        adv, token_adv, rec_weights = self.loss.weights(rewards)
 
         t2 = time.perf_counter()
-        uniq, t_index = dedupe_targets(target)
-        rows, n_tok = seq.shape[0], comp_pos.sum().clamp(min=1)
+        uniq, t_index = dedupe_targets(ro.target)
+        n_tokens = ro.completion.sum().clamp(min=1)
         for _ in range(self.optim.ppo_epochs):
-            total, tok_total, rec_total = (torch.zeros((), device=self.device) for _ in range(3))
-            for sl in self._micro_batches(rows):
+            totals: dict[str, torch.Tensor] = {}
+            for start in range(0, ro.rows, mb):
+                sl = slice(start, start + mb)
                 item_emb = self._item_embeddings(uniq)
-                extra, extra_ids, extra_mask = self._extra_negatives(item_emb.detach(), uniq, history[sl])
-                lp, h_mb = self.policy.forward_sequences(seq[sl], mask[sl], comp_pos[sl])
+                extra, extra_ids, extra_mask = self._extra_negatives(item_emb.detach(), uniq, ro.history[sl])
+                lp, h_mb = self.policy.forward_sequences(ro.seq[sl], ro.mask[sl], ro.completion[sl])
                 old = lp.detach() if self.optim.ppo_epochs == 1 else old_lp[sl]
-                tok_loss, stats = policy_token_loss(
-                    lp, old, token_adv[sl], comp_pos[sl], self.optim.eps_low, self.optim.eps_high,
-                    agg=self.optim.loss_agg, ref_logprobs=None if ref_lp is None else ref_lp[sl],
-                    kl_beta=self.optim.kl_beta, max_len=comp_pos.shape[1],
+                loss, stats = self.loss(
+                    lp, old, ro.completion[sl], token_adv[sl], h_mb, item_emb, t_index[sl], rec_weights[sl],
+                    batch_rows=ro.rows, batch_tokens=n_tokens, max_len=ro.completion.shape[1],
+                    ref_logprobs=None if ref_lp is None else ref_lp[sl], extra_negatives=extra, item_ids=uniq,
+                    extra_ids=extra_ids, extra_mask=extra_mask,
                 )
-                rec_loss = rec_infonce_loss(
-                    h_mb, item_emb, t_index[sl], rec_w[sl], self.reward.tau, extra, item_ids=uniq, extra_ids=extra_ids,
-                    extra_mask=extra_mask,
-                )
-                share = comp_pos[sl].sum() / n_tok if self.optim.loss_agg == "token_mean" else (sl.stop - sl.start) / rows
-                rec_share = (sl.stop - sl.start) / rows
-                loss = tok_loss * share + self.optim.rec_loss_weight * rec_loss * rec_share
                 self._check_finite("loss", loss, batch)
                 self.manual_backward(loss)
-                total = total + loss.detach()
-                tok_total = tok_total + (tok_loss * share).detach()
-                rec_total = rec_total + (rec_loss * rec_share).detach()
+                for key, value in (("loss", loss.detach()), ("token_loss", stats["token_loss"]),
+                                   ("rec_loss", stats["rec_loss"])):
+                    totals[key] = totals.get(key, 0) + value
             if self.optim.grad_clip > 0:
                 self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
             opt.step()
@@ -291,13 +185,13 @@ class GRPOModule(L.LightningModule):
         with torch.no_grad(), eval_mode(self.policy):
             self.catalog[uniq] = self._item_embeddings(uniq).float()
 
-        lengths = comp_mask.sum(1).float()
-        groups = rewards.view(-1, G)
+        lengths = ro.lengths.float()
+        groups = rewards.view(-1, self.sampling.group_size)
         self.log_dict(
             {
-                "train/loss": total,
-                "train/token_loss": tok_total,
-                "train/rec_loss": rec_total,
+                "train/loss": totals["loss"],
+                "train/token_loss": totals["token_loss"],
+                "train/rec_loss": totals["rec_loss"],
                 "train/reward_mean": rewards.mean(),
                 "train/reward_std": rewards.std(unbiased=False),
                 "train/reward_group_std": groups.std(1, unbiased=False).mean(),
@@ -306,12 +200,12 @@ class GRPOModule(L.LightningModule):
                 "train/adv_abs_mean": adv.abs().mean(),
                 "train/zero_spread_groups": (groups.max(1).values == groups.min(1).values).float().mean(),
                 "train/completion_len": lengths.mean(),
-                "train/rollout_tokens_per_s": lengths.sum() / max(gen_seconds, 1e-9),
-                "train/time_generate_s": torch.tensor(gen_seconds),
+                "train/rollout_tokens_per_s": lengths.sum() / max(t1 - t0, 1e-9),
+                "train/time_generate_s": torch.tensor(t1 - t0),
                 "train/time_score_s": torch.tensor(t2 - t1),  # old log-probs, user embeddings, rewards
                 "train/time_update_s": torch.tensor(t3 - t2),  # loss forward, backward, optimizer
                 "train/time_refresh_s": torch.tensor(time.perf_counter() - t3),  # in-batch catalogue rows
-                "train/clip_frac": stats.get("clip_frac", torch.zeros(())),
+                "train/clip_frac": stats["clip_frac"],
                 "train/lr": torch.tensor(opt.param_groups[0]["lr"]),
             },
             prog_bar=False,
@@ -325,7 +219,7 @@ class GRPOModule(L.LightningModule):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Detached extra negatives of the rec loss for rows with `history` `[R, L]`: embeddings `[E, H]`, ids `[E]` and
         a per-row mask `[R, E]` (True = history item, not a negative), or Nones when there are none."""
-        if self.optim.rec_negatives == "catalog":
+        if self.loss.config.rec_negatives == "catalog":
             ids = torch.arange(1, self.catalog.shape[0], device=self.device)
             blocked = mask_history(self.catalog.new_zeros(history.shape[0], self.catalog.shape[0]), history).isinf()
             return self.catalog[1:], ids, blocked[:, 1:]
@@ -356,16 +250,6 @@ class GRPOModule(L.LightningModule):
             )
 
     # -- evaluation -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def user_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Greedy reasoning then encoding: user embeddings [B, H] and the user sequences (ids, mask [B, S])."""
-        comp, comp_mask = self.policy.generate(
-            batch["prompt_ids"], batch["prompt_mask"], num_samples=1, do_sample=False,
-            max_new_tokens=self.hparams.eval_max_new_tokens,
-        )
-        seq, mask, _ = self.policy.join(batch["prompt_ids"], batch["prompt_mask"], comp, comp_mask)
-        return self.policy.encode(seq, mask).float(), seq, mask
-
     def _ranks(self, catalog: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Greedy reasoning, user embeddings and the target's rank `[B]` against `catalog` (history masked)."""
         h, _, _ = self.user_embeddings(batch)

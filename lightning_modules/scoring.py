@@ -17,32 +17,34 @@ from typing import Any
 
 import torch
 
-from lightning_modules.grpo import GRPOModule, OptimConfig
-from minirec.io import DataError, load_checkpoint
-from minirec.losses import group_advantages, policy_token_loss
+from lightning_modules.policy_module import PolicyModule
+from minirec.io import ConfigError, DataError, load_checkpoint
+from minirec.losses import LossConfig, RecPOLoss
 from minirec.policy import PolicyConfig
-from minirec.recpo import RewardConfig, SamplingConfig, reseed, score_rollouts
-from minirec.rewards import mask_history, score_items
-from minirec.selection import RademacherProjection, hidden_hvp_vectors, parameter_space_vector
+from minirec.recpo import RewardConfig, SamplingConfig, reseed, rollout_forward, sample_rollouts, score_rollouts
+from minirec.representativeness import RademacherProjection, hidden_hvp_vectors, parameter_space_vector
 
 
-def proxy_policy_config(proxy: str, policy: PolicyConfig) -> PolicyConfig:
-    """The policy config that loads the proxy: an exported PEFT adapter folder, or a GRPOModule `.ckpt` (whose saved
-    policy config is used; its LoRA weights are loaded after construction)."""
+def load_proxy(proxy: str, policy: PolicyConfig) -> tuple[PolicyConfig, dict[str, torch.Tensor] | None]:
+    """The policy config that loads the proxy, and its LoRA weights when they are not in an adapter folder: an
+    exported PEFT adapter folder (-> `adapter_path`), or a GRPOModule `.ckpt` (its saved policy config, and its
+    LoRA state dict; the file is read once)."""
     path = Path(proxy)
     if path.is_dir():
         if not (path / "adapter_config.json").is_file():
             raise DataError(f"model.proxy={proxy!r}: folder without adapter_config.json (not an exported PEFT adapter)")
-        return PolicyConfig(**{**asdict(policy), "adapter_path": str(path)})
+        return PolicyConfig(**{**asdict(policy), "adapter_path": str(path)}), None
     if not path.is_file():
         raise DataError(f"model.proxy={proxy!r}: no such checkpoint file or adapter folder")
-    saved = load_checkpoint(path).get("hyper_parameters", {}).get("policy")
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("hyper_parameters", {}).get("policy")
     if isinstance(saved, dict):  # saved by LightningCLI as the parsed config
         saved = PolicyConfig(**{k: v for k, v in saved.items() if k in PolicyConfig.__dataclass_fields__})
-    return saved if isinstance(saved, PolicyConfig) else policy
+    state = {k.removeprefix("policy.model."): v for k, v in ckpt["state_dict"].items()}
+    return (saved if isinstance(saved, PolicyConfig) else policy), state
 
 
-class ScoringModule(GRPOModule):
+class ScoringModule(PolicyModule):
     """Scores every pool sample with the proxy policy; `predict_step` returns the fields `ScoreWriter` stores."""
 
     def __init__(
@@ -51,6 +53,7 @@ class ScoringModule(GRPOModule):
         policy: PolicyConfig = PolicyConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         reward: RewardConfig = RewardConfig(),
+        loss: LossConfig = LossConfig(),
         num_rollouts: int = 4,
         space: str = "hidden",
         rep_loss: str = "full",
@@ -65,6 +68,8 @@ class ScoringModule(GRPOModule):
             policy: policy settings (replaced by the checkpoint's own when `proxy` is a checkpoint).
             sampling: rollout sampling (as in training); `group_size` is replaced by `num_rollouts`.
             reward: score temperature and reward mix (as in training).
+            loss: the RecPO objective (as in training): its advantages and token loss make the `lora` space's
+                per-sample loss.
             num_rollouts: N sampled rollouts per sample for r̄.
             space: representativeness space: `hidden` (HVP at the user embedding) or `lora` (projected LoRA gradient).
             rep_loss: `hidden` space loss: `full` (softmax over the catalogue) or `in_batch` (published code's parity).
@@ -74,18 +79,20 @@ class ScoringModule(GRPOModule):
             eval_max_new_tokens: longest greedy reasoning of the diversity pass.
         """
         if space not in ("hidden", "lora"):
-            raise DataError(f"model.space must be 'hidden' or 'lora', got {space!r}")
+            raise ConfigError(f"model.space must be 'hidden' or 'lora', got {space!r}")
         if rep_loss not in ("full", "in_batch"):
-            raise DataError(f"model.rep_loss must be 'full' or 'in_batch', got {rep_loss!r}")
+            raise ConfigError(f"model.rep_loss must be 'full' or 'in_batch', got {rep_loss!r}")
         if num_rollouts < 1:
-            raise DataError(f"model.num_rollouts must be ≥ 1, got {num_rollouts}")
+            raise ConfigError(f"model.num_rollouts must be ≥ 1, got {num_rollouts}")
+        state = None
         if proxy is not None:
-            policy = proxy_policy_config(proxy, policy)
-        sampling = SamplingConfig(**{**asdict(sampling), "group_size": num_rollouts})
-        super().__init__(policy, sampling, reward, OptimConfig(), eval_max_new_tokens)
-        if proxy is not None and Path(proxy).is_file():
-            state = load_checkpoint(proxy)["state_dict"]
-            self.policy.load_trainable_state_dict({k.removeprefix("policy.model."): v for k, v in state.items()})
+            policy, state = load_proxy(proxy, policy)
+        super().__init__(policy, reward, eval_max_new_tokens)
+        self.save_hyperparameters()
+        if state is not None:
+            self.policy.load_trainable_state_dict(state)
+        self.sampling = SamplingConfig(**{**asdict(sampling), "group_size": num_rollouts})
+        self.loss = RecPOLoss(loss, num_rollouts, reward.tau)
         self.projection: RademacherProjection | None = None
 
     def scoring_config(self) -> dict[str, Any]:
@@ -96,6 +103,7 @@ class ScoringModule(GRPOModule):
             "reward": asdict(self.reward), "num_rollouts": h.num_rollouts, "space": h.space, "rep_loss": h.rep_loss,
             "projection_dim": h.projection_dim, "lora_hvp": h.lora_hvp, "projection_seed": h.projection_seed,
             "eval_max_new_tokens": h.eval_max_new_tokens,
+            **({"loss": asdict(self.loss.config)} if h.space == "lora" else {}),
         }
 
     def on_predict_start(self) -> None:
@@ -105,22 +113,16 @@ class ScoringModule(GRPOModule):
         """Returns sample_id [B], rewards [B, N], mean_reward [B], user_emb [B, H], rep_vec [B, D]."""
         n = self.sampling.group_size
         reseed(self.run_seed, int(batch["sample_id"][0]))  # a resumed scoring run draws what an unbroken one does
-        comp, comp_mask = self.policy.generate(
-            batch["prompt_ids"], batch["prompt_mask"], num_samples=n, do_sample=True,
-            temperature=self.sampling.temperature, top_k=self.sampling.top_k, top_p=self.sampling.top_p,
-            max_new_tokens=self.sampling.max_new_tokens,
-        )
-        rep = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731  [B, ...] -> [B x N, ...]
-        seq, mask, comp_pos = self.policy.join(rep(batch["prompt_ids"]), rep(batch["prompt_mask"]), comp, comp_mask)
-        h_roll = self.policy.encode(seq, mask).float()
-        rewards, _ = score_rollouts(h_roll, self.catalog, rep(batch["target"]), rep(batch["history"]), self.reward)
+        ro = sample_rollouts(self.policy, batch, self.sampling)
+        _, h_roll = rollout_forward(self.policy, ro, ro.rows)
+        rewards, _ = score_rollouts(h_roll, self.catalog, ro.target, ro.history, self.reward)
         user_emb, user_seq, user_mask = self.user_embeddings(batch)
         if self.hparams.space == "hidden":
             rep_vec = hidden_hvp_vectors(
                 user_emb, self.catalog, batch["target"], batch["history"], self.reward.tau, loss=self.hparams.rep_loss
             )
         else:
-            rep_vec = self._lora_vectors(batch, (seq, mask, comp_pos), (user_seq, user_mask), rewards.view(-1, n))
+            rep_vec = self._lora_vectors(batch, ro, (user_seq, user_mask), rewards.view(-1, n))
         return {
             "sample_id": batch["sample_id"].cpu(),
             "rewards": rewards.view(-1, n).cpu(),
@@ -129,12 +131,12 @@ class ScoringModule(GRPOModule):
             "rep_vec": rep_vec.float().cpu(),
         }
 
-    def _lora_vectors(self, batch, rollouts: tuple, users: tuple, rewards: torch.Tensor) -> torch.Tensor:
+    def _lora_vectors(self, batch, rollouts, users: tuple, rewards: torch.Tensor) -> torch.Tensor:
         """Projected per-sample LoRA gradients (or H·g) of the sample's RL loss: [B, projection_dim].
 
-        rollouts: (ids, mask, completion positions) [B x N, S]; users: greedy user sequences (ids, mask) [B, S'];
-        rewards [B, N]. Loss of sample b = token loss of its N rollouts with their group advantages (ρ = 1) + cross
-        entropy of its greedy user embedding over the masked full catalogue.
+        rollouts: the batch's `Rollouts` (B x N rows); users: greedy user sequences (ids, mask) [B, S']; rewards
+        [B, N]. Loss of sample b = the RecPO token loss of its N rollouts with their group advantages (ρ = 1) + the
+        recommendation loss of its greedy user embedding against the whole catalogue (history masked).
         """
         n = self.sampling.group_size
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -145,18 +147,23 @@ class ScoringModule(GRPOModule):
             )
         # predict runs under inference mode; its tensors must be cloned outside it before they enter autograd
         with torch.inference_mode(False), torch.enable_grad():
-            seq, mask, comp_pos = (x.clone() for x in rollouts)
+            seq, mask, comp_pos = (x.clone() for x in (rollouts.seq, rollouts.mask, rollouts.completion))
             useq, umask = (x.clone() for x in users)
             catalog, target, history = self.catalog.clone(), batch["target"].clone(), batch["history"].clone()
             rewards = rewards.clone()
+            items = torch.arange(1, catalog.shape[0], device=catalog.device)
             vectors = []
             for b in range(useq.shape[0]):
                 rows = slice(b * n, (b + 1) * n)
                 lp, _ = self.policy.forward_sequences(seq[rows], mask[rows], comp_pos[rows])
-                adv = group_advantages(rewards[b], n, self.optim.advantage)
-                token_loss, _ = policy_token_loss(lp, lp.detach(), adv, comp_pos[rows])
+                adv, _, _ = self.loss.weights(rewards[b])
+                token_loss, _ = self.loss.token_loss(lp, lp.detach(), adv, comp_pos[rows])
                 h = self.policy.encode(useq[b : b + 1], umask[b : b + 1])
-                scores = mask_history(score_items(h, catalog, self.reward.tau), history[b : b + 1], target[b : b + 1])
-                rec_loss = torch.nn.functional.cross_entropy(scores, target[b : b + 1])
+                blocked = (items[None, :] == history[b : b + 1, :, None]).any(1)  # [1, N] history items
+                rec_loss = self.loss.rec_loss(
+                    h, catalog[target[b : b + 1]], torch.zeros(1, dtype=torch.long, device=h.device),
+                    torch.ones(1, device=h.device), extra_negatives=catalog[1:], item_ids=target[b : b + 1],
+                    extra_ids=items, extra_mask=blocked,
+                )
                 vectors.append(parameter_space_vector(token_loss + rec_loss, params, hvp=self.hparams.lora_hvp))
         return self.projection(torch.stack(vectors))  # one pass over P for the batch: generating P dominates

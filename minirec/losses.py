@@ -1,4 +1,5 @@
-"""RecPO losses (METHOD.md §4): group advantages, relabel mask, clipped token policy loss, recommendation InfoNCE.
+"""RecPO losses (METHOD.md §4): group advantages, relabel mask, clipped token policy loss, recommendation InfoNCE,
+and the objective that combines them (`RecPOLoss`, settings in `LossConfig`).
 
 Rollouts are laid out group-major: rows `[B x G]` are B prompts times G rollouts, rollouts of one prompt adjacent.
 All arithmetic is float32 whatever the input dtype (bfloat16 works).
@@ -6,14 +7,18 @@ All arithmetic is float32 whatever the input dtype (bfloat16 works).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from minirec.io import DataError
+from minirec.io import ConfigError, DataError
 
 ADVANTAGE_MODES = ("gaussian", "leave_one_out")
 AGG_MODES = ("token_mean", "seq_mean", "dr_grpo")
 LOSS_IMPLS = ("intended", "reference")
+REC_NEGATIVES = ("in_batch", "catalog")
 
 
 def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -179,3 +184,119 @@ def loss_weights(
     if loss_impl == "intended":
         return adv, weighted
     return adv.mean().expand_as(adv).clone(), weighted.mean().expand_as(adv).clone()
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Settings of the RecPO objective (METHOD.md §4), shared by training and the LoRA-space scoring.
+
+    Args:
+        advantage: group advantages: `gaussian` or `leave_one_out`.
+        relabel_topk: rollouts per group that receive the recommendation loss.
+        eps_low: lower clip ε of the token ratio.
+        eps_high: upper clip ε of the token ratio.
+        loss_agg: token loss aggregation: `token_mean`, `seq_mean` or `dr_grpo`.
+        kl_beta: weight of the KL to the frozen base model (0 = none, no reference forward).
+        rec_loss_weight: weight of the recommendation loss in the total loss.
+        rec_negatives: negatives of the recommendation loss: `in_batch` (the method's: the other in-batch targets, and
+            other devices' targets) or `catalog` (also every other item of the cached, detached catalogue, history
+            masked; for small batches, where in-batch negatives are too few to rank the catalogue).
+        loss_impl: `intended` (per-row advantages) or `reference` (the published code's broadcast; for parity only).
+    """
+
+    advantage: str = "gaussian"
+    relabel_topk: int = 1
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    loss_agg: str = "token_mean"
+    kl_beta: float = 0.0
+    rec_loss_weight: float = 1.0
+    rec_negatives: str = "in_batch"
+    loss_impl: str = "intended"
+
+    def __post_init__(self) -> None:
+        checks = {"advantage": ADVANTAGE_MODES, "loss_agg": AGG_MODES, "loss_impl": LOSS_IMPLS,
+                  "rec_negatives": REC_NEGATIVES}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.loss.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.relabel_topk < 0:
+            raise ConfigError(f"model.loss.relabel_topk must be ≥ 0, got {self.relabel_topk}")
+
+
+class RecPOLoss(nn.Module):
+    """The RecPO objective of one rollout batch (B prompts × G rollouts, group-major rows R = B·G), computed per
+    micro-batch of rows so that backward can run on each: the micro-batch losses add up to the batch loss.
+
+    `weights(rewards)` turns the batch's rewards `[R]` into its advantages and the per-row weights of the two terms.
+    `forward` gives one micro-batch's loss, `token_share · token_loss + rec_loss_weight · rec_share · rec_loss`, where
+    token_loss is the clipped policy loss of its completion tokens (with the KL to the base model when
+    `kl_beta > 0`), rec_loss the weighted InfoNCE of its user embeddings against the in-batch target items (plus any
+    detached extra negatives), and the shares are its part of the batch (completion tokens for `token_mean`, rows
+    otherwise; rows for the rec loss).
+
+    Args:
+        config: the objective's settings.
+        group_size: G, rollouts per prompt.
+        tau: cosine temperature of the recommendation loss.
+    """
+
+    def __init__(self, config: LossConfig, group_size: int, tau: float) -> None:
+        super().__init__()
+        self.config, self.group_size, self.tau = config, group_size, tau
+
+    def weights(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rewards `[R]` -> (advantages A, token-loss advantages, rec-loss weights A·relabel), each `[R]` float32
+        (`loss_impl: reference` replaces the last two by their batch means, see `loss_weights`)."""
+        c = self.config
+        adv = group_advantages(rewards, self.group_size, c.advantage)
+        relabel = relabel_mask(rewards, self.group_size, c.relabel_topk)
+        token_adv, rec_weights = loss_weights(adv, relabel, self.group_size, c.loss_impl)
+        return adv, token_adv, rec_weights
+
+    def token_loss(self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   completion_mask: torch.Tensor, ref_logprobs: torch.Tensor | None = None,
+                   max_len: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`policy_token_loss` with this objective's clip, aggregation and KL settings (shapes there)."""
+        c = self.config
+        return policy_token_loss(logprobs, old_logprobs, advantages, completion_mask, c.eps_low, c.eps_high,
+                                 agg=c.loss_agg, ref_logprobs=ref_logprobs, kl_beta=c.kl_beta, max_len=max_len)
+
+    def rec_loss(self, user_emb: torch.Tensor, item_emb: torch.Tensor, target_index: torch.Tensor,
+                 weights: torch.Tensor, **negatives: torch.Tensor | None) -> torch.Tensor:
+        """`rec_infonce_loss` at this objective's temperature; `negatives`: its extra_negatives / item_ids /
+        extra_ids / extra_mask (shapes there)."""
+        return rec_infonce_loss(user_emb, item_emb, target_index, weights, self.tau, **negatives)
+
+    def forward(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        completion_mask: torch.Tensor,
+        token_adv: torch.Tensor,
+        user_emb: torch.Tensor,
+        item_emb: torch.Tensor,
+        target_index: torch.Tensor,
+        rec_weights: torch.Tensor,
+        batch_rows: int,
+        batch_tokens: torch.Tensor,
+        max_len: int,
+        ref_logprobs: torch.Tensor | None = None,
+        **negatives: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch of r rows and its detached stats.
+
+        logprobs / old_logprobs / ref_logprobs / completion_mask `[r, T]`; token_adv, rec_weights, target_index `[r]`
+        (from `weights`); user_emb `[r, H]` with grad; item_emb `[M, H]` the unique in-batch targets with grad;
+        batch_rows R and batch_tokens (completion tokens of the whole batch) set the shares; max_len the batch's
+        completion width (`dr_grpo`); `negatives` as in `rec_loss`. Stats: token_loss and rec_loss (each times its
+        share, so they add up over micro-batches), clip_frac, ratio_mean, kl.
+        """
+        rows = logprobs.shape[0]
+        tok, stats = self.token_loss(logprobs, old_logprobs, token_adv, completion_mask, ref_logprobs, max_len)
+        rec = self.rec_loss(user_emb, item_emb, target_index, rec_weights, **negatives)
+        token_share = completion_mask.sum() / batch_tokens if self.config.loss_agg == "token_mean" else rows / batch_rows
+        rec_share = rows / batch_rows
+        loss = tok * token_share + self.config.rec_loss_weight * rec * rec_share
+        stats = {**stats, "token_loss": (tok * token_share).detach(), "rec_loss": (rec * rec_share).detach()}
+        return loss, stats

@@ -119,76 +119,49 @@ def finish_completion(tokens: Sequence[int], tokenizer, marker: str, stop_ids: s
 
 
 class Policy(torch.nn.Module):
-    """Causal LM + LoRA (PEFT) with generate / encode / token log-probs.
-
-    Args:
-        pretrained: a preset name (`minirec.models.PRESETS`), a local model folder or a hub id.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (scale = alpha / r).
-        lora_dropout: dropout on the LoRA input (active in training mode only).
-        lora_target_modules: names of the linear layers that get LoRA.
-        dtype: dtype of the frozen base weights, "float32", "bfloat16", "float16" or "auto" (`auto_dtype`); the LoRA
-            weights are float32 whatever it is.
-        attn_implementation: "sdpa" or "eager" (eager supports double backward through attention on CPU) or any
-            implementation transformers accepts.
-        gradient_checkpointing: recompute layer activations in backward (non-reentrant) to save memory.
-        answer_marker: text that ends the reasoning; its last token's hidden state is the embedding.
-        adapter_path: a PEFT adapter folder (from `save_adapter`) to start from, loaded trainable; the `lora_*`
-            arguments are then taken from that adapter.
-        logprob_chunk_size: completion positions per lm_head / log-softmax chunk (bounds the fp32 logits memory).
+    """Causal LM + LoRA (PEFT) with generate / encode / token log-probs, built from a `PolicyConfig`.
 
     Starts in eval mode, like `from_pretrained`; Lightning switches it to train mode for fitting.
     """
 
-    def __init__(
-        self,
-        pretrained: str = "tiny-random-qwen2",
-        lora_r: int = 4,
-        lora_alpha: int = 128,
-        lora_dropout: float = 0.05,
-        lora_target_modules: Sequence[str] = LORA_TARGETS,
-        dtype: str = "float32",
-        attn_implementation: str = "sdpa",
-        gradient_checkpointing: bool = False,
-        answer_marker: str = "<answer>",
-        adapter_path: str | None = None,
-        logprob_chunk_size: int = 1024,
-    ) -> None:
+    def __init__(self, config: PolicyConfig | None = None) -> None:
         super().__init__()
-        if dtype not in (*_DTYPES, "auto"):
-            raise DataError(f"model.dtype={dtype!r}: expected one of {', '.join(_DTYPES)}, auto")
-        if logprob_chunk_size < 1:
-            raise DataError(f"model.logprob_chunk_size={logprob_chunk_size}: must be >= 1")
-        path = resolve_pretrained(pretrained)
+        c = self.config = config or PolicyConfig()
+        if c.dtype not in (*_DTYPES, "auto"):
+            raise DataError(f"model.dtype={c.dtype!r}: expected one of {', '.join(_DTYPES)}, auto")
+        if c.logprob_chunk_size < 1:
+            raise DataError(f"model.logprob_chunk_size={c.logprob_chunk_size}: must be >= 1")
+        path = resolve_pretrained(c.pretrained)
         self.tokenizer = load_tokenizer(path)
-        self.answer_marker = answer_marker
-        self.marker_ids: list[int] = self._marker_ids(answer_marker)
+        self.answer_marker = c.answer_marker
+        self.marker_ids: list[int] = self._marker_ids(c.answer_marker)
         try:
             base = AutoModelForCausalLM.from_pretrained(
-                path, dtype=_DTYPES[auto_dtype() if dtype == "auto" else dtype], attn_implementation=attn_implementation
+                path, dtype=_DTYPES[auto_dtype() if c.dtype == "auto" else c.dtype],
+                attn_implementation=c.attn_implementation,
             )
         except ValueError as e:
             if "attention implementation" not in str(e) and "attn_implementation" not in str(e):
                 raise
-            raise DataError(f"model.attn_implementation={attn_implementation!r} is not supported by {pretrained!r}; "
-                            "use 'eager'") from None
-        if adapter_path is not None:
-            if not (Path(adapter_path) / "adapter_config.json").is_file():
-                raise DataError(f"model.adapter_path={adapter_path!r}: no adapter_config.json (not a PEFT adapter)")
-            self.model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True, autocast_adapter_dtype=True)
+            raise DataError(f"model.attn_implementation={c.attn_implementation!r} is not supported by "
+                            f"{c.pretrained!r}; use 'eager'") from None
+        if c.adapter_path is not None:
+            if not (Path(c.adapter_path) / "adapter_config.json").is_file():
+                raise DataError(f"model.adapter_path={c.adapter_path!r}: no adapter_config.json (not a PEFT adapter)")
+            self.model = PeftModel.from_pretrained(base, c.adapter_path, is_trainable=True, autocast_adapter_dtype=True)
         else:
-            lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                              target_modules=list(lora_target_modules), task_type="CAUSAL_LM")
+            lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                              target_modules=list(c.lora_target_modules), task_type="CAUSAL_LM")
             try:
                 self.model = get_peft_model(base, lora, autocast_adapter_dtype=True)  # LoRA weights in float32
             except ValueError as e:
-                raise DataError(f"model.lora_target_modules={list(lora_target_modules)}: {e}") from None
-        if gradient_checkpointing:
+                raise DataError(f"model.lora_target_modules={list(c.lora_target_modules)}: {e}") from None
+        if c.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         self.hidden_size: int = base.config.hidden_size
         self._softcap: float | None = getattr(base.config, "final_logit_softcapping", None)
-        self.logprob_chunk_size = logprob_chunk_size
+        self.logprob_chunk_size = c.logprob_chunk_size
         self.eval()
 
     def _marker_ids(self, marker: str) -> list[int]:
@@ -399,7 +372,24 @@ class Policy(torch.nn.Module):
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """The `Policy` constructor's arguments as one typed config block (see `Policy` for each field)."""
+    """Settings of a `Policy`.
+
+    Args:
+        pretrained: a preset name (`minirec.models.PRESETS`), a local model folder or a hub id.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: dropout on the LoRA input (active in training mode only).
+        lora_target_modules: names of the linear layers that get LoRA.
+        dtype: dtype of the frozen base weights, "float32", "bfloat16", "float16" or "auto" (`auto_dtype`); the LoRA
+            weights are float32 whatever it is.
+        attn_implementation: "sdpa" or "eager" (eager supports double backward through attention on CPU) or any
+            implementation transformers accepts.
+        gradient_checkpointing: recompute layer activations in backward (non-reentrant) to save memory.
+        answer_marker: text that ends the reasoning; its last token's hidden state is the embedding.
+        adapter_path: a PEFT adapter folder (from `save_adapter`) to start from, loaded trainable; the `lora_*`
+            settings are then taken from that adapter.
+        logprob_chunk_size: completion positions per lm_head / log-softmax chunk (bounds the fp32 logits memory).
+    """
 
     pretrained: str = "tiny-random-qwen2"
     lora_r: int = 4

@@ -29,7 +29,14 @@ import pandas as pd
 import pyarrow as pa
 
 from minirec.io import DataError, atomic_dir, atomic_write_json, read_json
-from minirec.sources import amazon_category, load_source
+from minirec.sources import (
+    amazon_category,
+    amazon_paths,
+    read_amazon_interactions,
+    read_amazon_meta,
+    read_movielens_100k,
+)
+from minirec.synthetic import make_synthetic
 
 log = logging.getLogger("minirec.data")
 
@@ -347,6 +354,28 @@ def process(
 def _to_dataset(columns: dict[str, list], features: datasets.Features) -> datasets.Dataset:
     """Columns of Python values -> Dataset with exactly `features` (NaN floats stay NaN, not null)."""
     return datasets.Dataset(pa.Table.from_pydict(columns, schema=features.arrow_schema))
+
+
+# -- sources -----------------------------------------------------------------------------------------------------------
+def load_source(cfg: ProcessingConfig) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
+    """(interactions, items, whether the source has prices at all) for `cfg.dataset`."""
+    if cfg.dataset == "movielens-100k":
+        interactions, items = read_movielens_100k(cfg.data_dir)
+        return interactions, items, False
+    if cfg.dataset == "synthetic":
+        interactions, items = make_synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_seed)
+        return interactions, items, False
+    if cfg.dataset.startswith("amazon2023:"):
+        category = amazon_category(cfg.dataset)
+        inter_path, meta_path = amazon_paths(category, cfg.data_dir, cfg.interactions_path, cfg.meta_path, cfg.download)
+        interactions = read_amazon_interactions(inter_path)
+        if interactions.empty:
+            raise DataError(f"no interactions in {inter_path}")
+        return interactions, read_amazon_meta(meta_path), True
+    raise DataError(
+        f"processing.dataset: unknown dataset {cfg.dataset!r}; "
+        "use 'movielens-100k', 'amazon2023:<Category>' or 'synthetic'"
+    )
 
 
 def build_dataset(cfg: ProcessingConfig, cache_dir: str | Path) -> tuple[datasets.DatasetDict, Path]:

@@ -1,4 +1,5 @@
-"""RecPO settings and the rollout scoring shared by training, scoring and evaluation (METHOD.md §4)."""
+"""RecPO rollouts (sample G completions per prompt, join, forward) and their scoring, shared by training, scoring
+and evaluation (METHOD.md §4); sampling and reward settings."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from minirec.io import DataError
+from minirec.policy import Policy, eval_mode
 from minirec.rewards import mask_history, recpo_reward, score_items, target_rank
 
 
@@ -72,3 +74,53 @@ def score_rollouts(
     """
     scores = mask_history(score_items(user_emb.float(), catalog.float(), cfg.tau), history, target)
     return recpo_reward(scores, target, cfg.ndcg_k, cfg.softmax_weight), target_rank(scores, target)
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """B prompts × G sampled completions, joined to their prompts, group-major (the G rows of a prompt adjacent).
+
+    seq / mask `[R, S]` left-padded joined sequences (R = B·G); completion `[R, S]` bool, True on generated tokens
+    (the log-prob targets); lengths `[R]` generated tokens per row; target `[R]` and history `[R, L]` of each row's
+    prompt.
+    """
+
+    seq: torch.Tensor
+    mask: torch.Tensor
+    completion: torch.Tensor
+    lengths: torch.Tensor
+    target: torch.Tensor
+    history: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.seq.shape[0]
+
+
+def sample_rollouts(policy: Policy, batch: dict[str, torch.Tensor], sampling: SamplingConfig,
+                    num_samples: int | None = None) -> Rollouts:
+    """Sample `num_samples` (default G = sampling.group_size) completions per prompt of `batch` (`prompt_ids` /
+    `prompt_mask` `[B, P]`, `target` `[B]`, `history` `[B, L]`) and join them to their prompts. The sampling draws
+    from torch's global generator (seed it with `reseed`)."""
+    n = num_samples or sampling.group_size
+    comp, comp_mask = policy.generate(
+        batch["prompt_ids"], batch["prompt_mask"], num_samples=n, do_sample=True, temperature=sampling.temperature,
+        top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+    )
+    rep = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731  [B, ...] -> [B x G, ...]
+    seq, mask, completion = policy.join(rep(batch["prompt_ids"]), rep(batch["prompt_mask"]), comp, comp_mask)
+    return Rollouts(seq, mask, completion, comp_mask.sum(1), rep(batch["target"]), rep(batch["history"]))
+
+
+@torch.no_grad()
+def rollout_forward(policy: Policy, rollouts: Rollouts, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad forward of the rollouts in eval mode (no dropout), `micro_batch_size` rows at a time: token log-probs
+    `[R, S]` (0 off the completion) and user embeddings `[R, H]` float32."""
+    logprobs, embeddings = [], []
+    with eval_mode(policy):
+        for start in range(0, rollouts.rows, micro_batch_size):
+            rows = slice(start, start + micro_batch_size)
+            lp, h = policy.forward_sequences(rollouts.seq[rows], rollouts.mask[rows], rollouts.completion[rows])
+            logprobs.append(lp)
+            embeddings.append(h.float())
+    return torch.cat(logprobs), torch.cat(embeddings)

@@ -1,11 +1,12 @@
-"""MiniRec sample selection (METHOD.md §5): learnability, representativeness, value, greedy selection, baselines.
+"""MiniRec sample selection (METHOD.md §5): learnability, representativeness and value scores, greedy selection,
+baselines.
 
 Pure torch, any device. Pool size N; every score vector is `[N]` and aligned with the pool.
 
 - Learnability L = min-max(exp(-(r̄ - mu)^2 / (2 sigma^2))), sigma = population std of r̄ over the pool by default,
   computed in a form that cannot underflow.
-- Representativeness R = min-max((cos(u, mean u) + 1) / 2), u = H·g per sample, computed in the hidden space
-  (`hidden_hvp_vectors`, cheap) or in the LoRA parameter space (`parameter_space_vector` + `RademacherProjection`).
+- Representativeness R = min-max((cos(u, mean u) + 1) / 2), u = H·g per sample (the vectors u come from
+  `minirec.representativeness`, in the hidden or the LoRA parameter space).
 - Value q = alpha·L + R; greedy selection maximises v(x)·q(x), v = min cosine distance to the selected set divided
   by its maximum over the pool (`greedy_value_selection`). Diversity only: farthest-point k-center
   (`k_center_selection`). `select` runs any of `STRATEGIES`.
@@ -17,13 +18,10 @@ then adds the same amount to every q and leaves the ranking to the other terms.
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 
 from minirec.io import DataError
-from minirec.rewards import mask_history, score_items
 
 STRATEGIES = (
     "minirec",
@@ -36,7 +34,7 @@ STRATEGIES = (
 )
 
 
-def _vector(x: torch.Tensor, name: str, n: int | None = None) -> torch.Tensor:
+def checked_vector(x: torch.Tensor, name: str, n: int | None = None) -> torch.Tensor:
     """Check a finite 1-D score vector (of length n if given) and return it as a floating tensor."""
     x = torch.as_tensor(x)
     if x.dim() != 1 or x.numel() == 0:
@@ -50,7 +48,7 @@ def _vector(x: torch.Tensor, name: str, n: int | None = None) -> torch.Tensor:
     return x
 
 
-def _matrix(x: torch.Tensor, name: str, n: int | None = None) -> torch.Tensor:
+def checked_matrix(x: torch.Tensor, name: str, n: int | None = None) -> torch.Tensor:
     """Check a finite 2-D embedding matrix `[n, d]` and return it as a floating tensor."""
     x = torch.as_tensor(x)
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
@@ -84,7 +82,7 @@ def learnability(mean_rewards: torch.Tensor, mu: float = 0.5, sigma: float | Non
     L is computed in float64 as (e^z - e^lo) / (e^hi - e^lo) = e^(z - hi) · (1 - e^(lo - z)) / (1 - e^(lo - hi)),
     lo / hi = min / max of z: exact up to rounding for any z (a constant z gives all ones, as `min_max`).
     """
-    r = _vector(mean_rewards, "mean_rewards")
+    r = checked_vector(mean_rewards, "mean_rewards")
     dtype = torch.promote_types(r.dtype, torch.float32)
     r64 = r.to("cpu", torch.float64)  # N values; float64 is missing on some devices (MPS)
     if sigma is None:
@@ -101,162 +99,9 @@ def learnability(mean_rewards: torch.Tensor, mu: float = 0.5, sigma: float | Non
     return L.to(r.device, dtype)
 
 
-def _hidden_rec_loss(
-    h: torch.Tensor, items: torch.Tensor, target: torch.Tensor, history: torch.Tensor, tau: float, loss: str
-) -> torch.Tensor:
-    """Summed recommendation loss of rows h `[B, H]`: cross entropy of the target over the masked full catalogue
-    (`full`), or over the batch's unique targets without history masking (`in_batch`, as in the published code)."""
-    if loss == "full":
-        scores = mask_history(score_items(h, items, tau), history, target)
-        return F.cross_entropy(scores, target, reduction="sum")
-    candidates, label = torch.unique(target, return_inverse=True)
-    return F.cross_entropy(score_items(h, items[candidates], tau), label, reduction="sum")
-
-
-def hidden_hvp_vectors(
-    user_emb: torch.Tensor,
-    item_emb: torch.Tensor,
-    target: torch.Tensor,
-    history: torch.Tensor,
-    tau: float = 0.02,
-    loss: str = "full",
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """Per-sample curvature-weighted gradients in the hidden space, u = H·g with g = ∂ℓ/∂h, H = ∂²ℓ/∂h².
-
-    user_emb `[N, H]`, item_emb `[M + 1, H]` (constant; row 0 padding), target `[N]` in 1..M, history `[N, L]`
-    -> u `[N, H]` in user_emb's dtype (at least float32). ℓ is a sum over rows, so one double backward of
-    d(g·g)/dh / 2 gives every row's own H_i g_i. `loss="full"` is independent of `batch_size`; `"in_batch"` uses each
-    batch's unique targets.
-    Works under `torch.no_grad()` / `torch.inference_mode()` (e.g. inside a Lightning predict_step).
-    """
-    if loss not in ("full", "in_batch"):
-        raise DataError(f"representativeness loss must be 'full' or 'in_batch', got {loss!r}")
-    if batch_size < 1:
-        raise DataError(f"representativeness batch_size must be >= 1, got {batch_size}")
-    user_emb = _matrix(user_emb, "user_emb")
-    item_emb = _matrix(item_emb, "item_emb")
-    n, m = user_emb.shape[0], item_emb.shape[0] - 1
-    target = torch.as_tensor(target).long()
-    history = torch.as_tensor(history).long()
-    if item_emb.shape[1] != user_emb.shape[1]:
-        raise DataError(f"item_emb width {item_emb.shape[1]} differs from user_emb width {user_emb.shape[1]}")
-    if target.shape != (n,) or history.dim() != 2 or history.shape[0] != n:
-        raise DataError(f"need target [{n}] and history [{n}, L], got {list(target.shape)} and {list(history.shape)}")
-    if target.min() < 1 or target.max() > m or (history.numel() and (history.min() < 0 or history.max() > m)):
-        raise DataError(f"target ids must lie in 1..{m} and history ids in 0..{m} (0 is padding)")
-    dtype = torch.promote_types(user_emb.dtype, torch.float32)
-    out = []
-    with torch.inference_mode(False), torch.enable_grad():
-        # clones: inference tensors (from a predict_step) cannot enter an autograd graph
-        items = item_emb.to(device=user_emb.device, dtype=dtype).clone()
-        target, history = target.to(user_emb.device).clone(), history.to(user_emb.device).clone()
-        for start in range(0, n, batch_size):
-            rows = slice(start, start + batch_size)
-            h = user_emb[rows].to(dtype).clone().requires_grad_(True)
-            ell = _hidden_rec_loss(h, items, target[rows], history[rows], tau, loss)
-            (g,) = torch.autograd.grad(ell, h, create_graph=True)
-            (u,) = torch.autograd.grad(0.5 * (g * g).sum(), h)
-            out.append(u.detach())
-    return torch.cat(out)
-
-
-def _grads(out: torch.Tensor, params: list[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:
-    """∂out/∂p for each p; zeros where out does not depend on p (or on anything)."""
-    if not out.requires_grad:
-        return [torch.zeros_like(p) for p in params]
-    grads = torch.autograd.grad(out, params, create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-
-def parameter_space_vector(loss: torch.Tensor, params: Sequence[torch.Tensor], hvp: bool = False) -> torch.Tensor:
-    """One sample's flat parameter-space vector: g = ∂loss/∂θ over `params` (e.g. the LoRA weights) `[D]`, or with
-    `hvp=True` u = H·g = ∂(g·g)/∂θ / 2 by double backward (the graph must support it: eager attention / SDPA math).
-    Parameters the loss does not reach contribute zeros. Feed the result to `RademacherProjection`."""
-    params = list(params)
-    grads = _grads(loss, params, create_graph=hvp)
-    if hvp:
-        grads = _grads(0.5 * sum((g * g).sum() for g in grads), params)
-    return torch.cat([g.detach().reshape(-1) for g in grads])
-
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for int64 x in [0, 2^32) without int64 overflow (c split into 16-bit halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 integer hash (C. Wellons) of int64 values in [0, 2^32): identical on every device."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-class RademacherProjection:
-    """Fixed random projection of flat gradients `[..., dim_in] -> [..., dim_out]` by a ±1/sqrt(dim_out) matrix P.
-
-    Entry P[i, j] comes from a counter-based hash of (seed, i, j), so the matrix never exists whole: it is generated in
-    row blocks of `block_rows` on the device that computes, and the result is the same for the same seed on every
-    device and for every block size. E||x P||² = ||x||² (Johnson-Lindenstrauss).
-
-    Args:
-        dim_in: length D of the flat gradient.
-        dim_out: projected width d' (8192 in the method).
-        seed: fixes the matrix.
-        device: where the projection runs and its result lives; None = the input's device.
-        block_rows: rows of P generated at once (None: about 1M entries per block, so the int64 temporaries of
-            8 MB stay below the allocator's mmap threshold; 4M-entry blocks ran 6x slower on CPU).
-    """
-
-    def __init__(
-        self,
-        dim_in: int,
-        dim_out: int = 8192,
-        seed: int = 0,
-        device: torch.device | str | None = None,
-        block_rows: int | None = None,
-    ) -> None:
-        if not 1 <= dim_in < 2**32 or dim_out < 1:
-            raise DataError(f"projection needs 1 <= dim_in < 2^32 and dim_out >= 1, got {dim_in}, {dim_out}")
-        self.dim_in, self.dim_out, self.seed = dim_in, dim_out, seed
-        self.device = None if device is None else torch.device(device)
-        self.block_rows = block_rows or max(1, 2**20 // dim_out)
-        self._seed_key = int(_hash32(torch.tensor(seed & _MASK32)))
-
-    def matrix(self, start: int = 0, stop: int | None = None, device: torch.device | None = None) -> torch.Tensor:
-        """Rows start..stop of P as float32 `[stop - start, dim_out]`."""
-        stop = self.dim_in if stop is None else stop
-        rows = torch.arange(start, stop, device=device, dtype=torch.int64)
-        cols = torch.arange(self.dim_out, device=device, dtype=torch.int64)
-        row_key = _hash32(rows ^ self._seed_key)
-        col_key = _hash32((cols + 0x9E3779B9) & _MASK32)
-        bits = (_hash32(row_key[:, None] ^ col_key[None, :]) >> 31).to(torch.float32)
-        return (1.0 - 2.0 * bits) / math.sqrt(self.dim_out)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[..., dim_in]` -> x P `[..., dim_out]` in float32."""
-        if x.shape[-1] != self.dim_in:
-            raise DataError(f"projection expects vectors of length {self.dim_in}, got {x.shape[-1]}")
-        device = self.device or x.device
-        flat = x.reshape(-1, self.dim_in).to(device=device, dtype=torch.float32)
-        out = torch.zeros(flat.shape[0], self.dim_out, device=device)
-        for start in range(0, self.dim_in, self.block_rows):
-            stop = min(start + self.block_rows, self.dim_in)
-            out += flat[:, start:stop] @ self.matrix(start, stop, device)
-        return out.reshape(*x.shape[:-1], self.dim_out)
-
-
-rademacher_projection = RademacherProjection  # the name used in the selection contract
-
-
 def representativeness(u: torch.Tensor) -> torch.Tensor:
     """R = min-max((cos(u_i, ū) + 1) / 2) with ū the pool mean: u `[N, D]` -> `[N]` in [0, 1]."""
-    u = _matrix(u, "representativeness vectors")
+    u = checked_matrix(u, "representativeness vectors")
     u = u.to(torch.promote_types(u.dtype, torch.float32))
     mean = u.mean(dim=0)
     # (u @ ū) / (|u_i| |ū|): no [N, D] temporaries (F.cosine_similarity builds several)
@@ -266,8 +111,8 @@ def representativeness(u: torch.Tensor) -> torch.Tensor:
 
 def value_scores(L: torch.Tensor, R: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """q = alpha·L + R: L `[N]`, R `[N]` -> `[N]`. alpha must be >= 0."""
-    L = _vector(L, "learnability scores L")
-    R = _vector(R, "representativeness scores R", L.numel())
+    L = checked_vector(L, "learnability scores L")
+    R = checked_vector(R, "representativeness scores R", L.numel())
     if not alpha >= 0 or not math.isfinite(alpha):
         raise DataError(f"selection alpha must be a finite number >= 0, got {alpha}")
     return alpha * L + R
@@ -327,8 +172,8 @@ def greedy_value_selection(
     for any larger k. `dtype=torch.float16` halves the memory of the normalised embeddings for very large pools
     (distances below ~8e-3 then count as 0).
     """
-    q = _vector(q, "value scores q")
-    emb = _matrix(emb, "selection embeddings", q.numel())
+    q = checked_vector(q, "value scores q")
+    emb = checked_matrix(emb, "selection embeddings", q.numel())
     _check_k(k, q.numel())
     if (q < 0).any():
         raise DataError("value scores q must be >= 0 (q = alpha*L + R with alpha >= 0)")
@@ -342,7 +187,7 @@ def k_center_selection(emb: torch.Tensor, k: int, first: int | None = None) -> t
     Starts at `first`, or by default at the sample nearest (in cosine) the mean of the normalised embeddings; then adds
     the sample farthest from the selected set (ties: lowest index).
     """
-    emb = _matrix(emb, "selection embeddings")
+    emb = checked_matrix(emb, "selection embeddings")
     n = emb.shape[0]
     _check_k(k, n)
     e = _unit_rows(emb, torch.float32)
@@ -375,7 +220,7 @@ def select(
     """
     if strategy not in STRATEGIES:
         raise DataError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    n = _vector(mean_rewards, "mean_rewards").numel()
+    n = checked_vector(mean_rewards, "mean_rewards").numel()
     if strategy == "full":
         return torch.arange(n)
     _check_k(k, n)
@@ -393,9 +238,9 @@ def select(
     if strategy == "random":
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
     if strategy in ("learnability", "representativeness"):
-        score = _vector(given[needs[0]], needs[0], n).cpu()
+        score = checked_vector(given[needs[0]], needs[0], n).cpu()
         return torch.sort(score, descending=True, stable=True).indices[:k]
     if strategy == "diversity":
-        return k_center_selection(_matrix(emb, "emb", n), k)
-    q = value_scores(_vector(L, "L", n), _vector(R, "R", n), alpha)
-    return greedy_value_selection(q, _matrix(emb, "emb", n), k, dtype)
+        return k_center_selection(checked_matrix(emb, "emb", n), k)
+    q = value_scores(checked_vector(L, "L", n), checked_vector(R, "R", n), alpha)
+    return greedy_value_selection(q, checked_matrix(emb, "emb", n), k, dtype)

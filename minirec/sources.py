@@ -6,7 +6,8 @@ Items: `item_key`, `title`, `description` (str, "" when absent), `price`, `avera
 
 Sources: Amazon Reviews 2023 (official 5-core `rating_only` CSV or raw review JSONL, plus the meta JSONL; laid out like
 the official Hugging Face dataset repository, or given as explicit paths, or downloaded), MovieLens-100K (the files
-packaged in the `recbole==1.2.1` wheel, read by path) and the synthetic generator (tests and demos only).
+packaged in the `recbole==1.2.1` wheel, read by path). The column lists are in `minirec.schema`; the synthetic
+generator is `minirec.synthetic`; `minirec.processing.load_source` picks the reader of a config.
 """
 
 from __future__ import annotations
@@ -17,18 +18,13 @@ import importlib.util
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from minirec.io import DataError, iter_jsonl, open_text
-
-if TYPE_CHECKING:
-    from minirec.processing import ProcessingConfig
-
-INTERACTION_COLUMNS = ["user_id", "item_key", "rating", "timestamp"]
-ITEM_COLUMNS = ["item_key", "title", "description", "price", "average_rating", "rating_number"]
+from minirec.schema import ITEM_COLUMNS
 
 AMAZON_REPO = "McAuley-Lab/Amazon-Reviews-2023"
 # Every category of the official repository (raw/review_categories/<Category>.jsonl).
@@ -334,27 +330,3 @@ def read_movielens_100k(folder: str | os.PathLike | None = None) -> tuple[pd.Dat
         columns=ITEM_COLUMNS,
     ).drop_duplicates("item_key")
     return interactions, items.reset_index(drop=True)
-
-
-# -- dispatch ----------------------------------------------------------------------------------------------------------
-def load_source(cfg: ProcessingConfig) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
-    """(interactions, items, whether the source has prices at all) for `cfg.dataset`."""
-    if cfg.dataset == "movielens-100k":
-        interactions, items = read_movielens_100k(cfg.data_dir)
-        return interactions, items, False
-    if cfg.dataset == "synthetic":
-        from minirec.synthetic import make_synthetic
-
-        interactions, items = make_synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_seed)
-        return interactions, items, False
-    if cfg.dataset.startswith("amazon2023:"):
-        category = amazon_category(cfg.dataset)
-        inter_path, meta_path = amazon_paths(category, cfg.data_dir, cfg.interactions_path, cfg.meta_path, cfg.download)
-        interactions = read_amazon_interactions(inter_path)
-        if interactions.empty:
-            raise DataError(f"no interactions in {inter_path}")
-        return interactions, read_amazon_meta(meta_path), True
-    raise DataError(
-        f"processing.dataset: unknown dataset {cfg.dataset!r}; "
-        "use 'movielens-100k', 'amazon2023:<Category>' or 'synthetic'"
-    )

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from minirec.io import DataError
-from minirec.sources import INTERACTION_COLUMNS, ITEM_COLUMNS
+from minirec.schema import INTERACTION_COLUMNS, ITEM_COLUMNS
 
 GENRES = ("Jazz", "Rock", "Classical", "Country")
 START = 1672531200  # 2023-01-01 00:00:00 UTC, inside the default time window

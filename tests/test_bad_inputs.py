@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -180,7 +179,7 @@ def test_bad_commands(capsys, cache: Path) -> None:
     fails(capsys, ["data"], r"required.*data")
     fails(capsys, ["fit", "--trainer.max_steps", "many"], r"trainer\.max_steps: Expected a <class 'int'>")
     fails(capsys, ["pipeline", "--sampling.temperature", "0"], r"^error: sampling\.temperature must be > 0, got 0")
-    fails(capsys, ["pipeline", "--proxy.optim.loss_agg", "sum"], r"optim\.loss_agg must be one of")
+    fails(capsys, ["pipeline", "--loss.loss_agg", "sum"], r"loss\.loss_agg must be one of")
 
 
 # -- pipeline run folders ----------------------------------------------------------------------------------------------
@@ -346,7 +345,7 @@ def score_args(run: Path, cache: Path) -> list[str]:
     """`minirec pipeline` on a pool of 8 samples with the tiny model (its score stage writes 2 shards)."""
     return pipeline_args(run, cache, "--policy.lora_r", "4", "--policy.lora_alpha", "8", "--policy.lora_dropout", "0.0",
                          "--sampling.max_new_tokens", "2", "--score.num_rollouts", "2", "--score.pool_size", "8",
-                         "--score.ks", "[4]", "--score.num_stages", "1", "--loader.eval_batch_size", "4",
+                         "--score.selection.ks", "[4]", "--score.selection.num_stages", "1", "--loader.eval_batch_size", "4",
                          "--loader.item_batch_size", "16", "--eval_max_new_tokens", "2", "--device.accelerator", "cpu")
 
 
@@ -357,7 +356,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
     root = tmp_path_factory.mktemp("scored")
     run, adapter = root / "run", root / "adapter"
     spec = start_run(run, score_args(run, cache))
-    Policy(**asdict(spec.policy)).save_adapter(adapter)
+    Policy(spec.policy).save_adapter(adapter)
     atomic_write_json(run / "proxy" / "done.json", {"adapter": str(adapter), "seconds": 0.0})
     score_pool(spec, run / "scores", str(adapter))
     assert len(list((run / "scores" / "shards").glob("*.pt"))) == 2 and (run / "scores" / "selection.json").is_file()

@@ -32,7 +32,7 @@ def tiny_base(folder: Path) -> str:
         "policy": {"pretrained": "tiny-random-qwen2", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         "sampling": {"group_size": 2, "max_new_tokens": 3},
         "proxy": {"subset": "random:8", "max_epochs": 1, "optim": optim},
-        "score": {"pool_size": 24, "num_rollouts": 2, "num_stages": 2},
+        "score": {"pool_size": 24, "num_rollouts": 2, "selection": {"ks": [8, 16], "num_stages": 2}},
         "train": {"max_epochs": 2, "optim": optim},
         "eval_max_new_tokens": 3,
         "device": {"accelerator": "cpu"},

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import minirec.policy
-from minirec.policy import Policy, auto_dtype
-from minirec.selection import parameter_space_vector
+from minirec.policy import Policy, PolicyConfig, auto_dtype
+from minirec.representativeness import parameter_space_vector
 
 TEXT = "I liked [Abbey Road] and [Kind of Blue]."
 COMPLETION = "You like classic albums, so I recommend Revolver.<answer>"
@@ -26,13 +26,13 @@ def sequence(policy: Policy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def pair(pretrained: str, lora_scale: float, **kwargs) -> tuple[Policy, Policy]:
     """float32 and bfloat16 policies with the same LoRA weights: PEFT's init (B = 0) or, with `lora_scale` > 0, seeded
     N(0, lora_scale²) weights."""
-    full = Policy(pretrained, lora_dropout=0.0, **kwargs)
+    full = Policy(PolicyConfig(pretrained, lora_dropout=0.0, **kwargs))
     if lora_scale:
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in full.trainable_state_dict().values():
                 p.copy_(torch.randn(p.shape, generator=gen) * lora_scale)
-    half = Policy(pretrained, lora_dropout=0.0, dtype="bfloat16", **kwargs)
+    half = Policy(PolicyConfig(pretrained, lora_dropout=0.0, dtype="bfloat16", **kwargs))
     half.load_trainable_state_dict(full.trainable_state_dict())
     return full, half
 
@@ -64,7 +64,7 @@ def test_auto_dtype_follows_device_and_cpu_flags(monkeypatch):
 def test_auto_bfloat16_keeps_lora_and_optimizer_state_in_float32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(minirec.policy, "_cpu_flags", lambda: {"avx512_bf16"})
-    policy = Policy("tiny-random-llama", dtype="auto")
+    policy = Policy(PolicyConfig("tiny-random-llama", dtype="auto"))
     frozen = [p for p in policy.model.parameters() if not p.requires_grad]
     assert {p.dtype for p in frozen} == {torch.bfloat16} and {p.dtype for p in lora(policy)} == {torch.float32}
     ids, mask, comp = sequence(policy)
@@ -77,7 +77,7 @@ def test_auto_bfloat16_keeps_lora_and_optimizer_state_in_float32(monkeypatch):
     assert all(p.grad.dtype == torch.float32 for p in lora(policy))
     assert {s.dtype for state in opt.state.values() for s in (state["exp_avg"], state["exp_avg_sq"])} == {torch.float32}
     monkeypatch.setattr(minirec.policy, "_cpu_flags", lambda: set())
-    base = Policy("tiny-random-llama", dtype="auto").model.get_base_model()
+    base = Policy(PolicyConfig("tiny-random-llama", dtype="auto")).model.get_base_model()
     assert base.get_input_embeddings().weight.dtype == torch.float32
 
 

@@ -11,6 +11,7 @@ import torch
 from datamodules import RecDataModule
 from lightning_modules import GRPOModule
 from lightning_modules.grpo import OptimConfig
+from minirec.losses import LossConfig
 from minirec.io import DataError
 from minirec.policy import PolicyConfig
 from minirec.processing import ProcessingConfig
@@ -94,7 +95,7 @@ def test_bad_settings_fail_clearly() -> None:
     with pytest.raises(DataError, match="group_size must be ≥ 1"):
         SamplingConfig(group_size=0)
     with pytest.raises(DataError, match="loss_impl must be one of"):
-        OptimConfig(loss_impl="paper")
+        LossConfig(loss_impl="paper")
     with pytest.raises(DataError, match="model.pretrained=.no-such-preset.: not a preset"):
         make_module().__class__(policy=PolicyConfig(pretrained="no-such-preset"))
 
@@ -110,15 +111,20 @@ def test_non_finite_reward_stops_with_step_and_sample_ids(tmp_path: Path, monkey
         trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(make_module(), datamodule=make_dm(tmp_path))
 
 
-def test_shipped_deepspeed_presets_match_the_recpo_config() -> None:
-    """configs/strategy/deepspeed-zero{2,3}.yaml carry exactly the config the pipeline builds (one source of truth)."""
+def test_pipeline_deepspeed_settings_come_from_the_shipped_presets() -> None:
+    """The pipeline's DeepSpeed strategy is configs/strategy/deepspeed-zero{2,3}.yaml (one source of truth), with the
+    fit's gradient clipping; DeepSpeed's own accumulation counter stays off (RecPO steps the optimizer itself)."""
     import yaml
 
-    from lightning_modules.grpo import deepspeed_config
+    from pipeline import deepspeed_settings
 
     for stage in (2, 3):
         preset = yaml.safe_load((Path(__file__).parents[1] / f"configs/strategy/deepspeed-zero{stage}.yaml").read_text())
-        assert preset["trainer"]["strategy"]["init_args"]["config"] == deepspeed_config(stage)
+        settings = deepspeed_settings(stage, 0.5)
+        expected = preset["trainer"]["strategy"]["init_args"]
+        assert settings == {**expected, "config": {**expected["config"], "gradient_clipping": 0.5}}
+        assert settings["config"]["zero_optimization"]["stage"] == stage
+        assert settings["config"]["managed_gradient_accumulation"] is False and settings["exclude_frozen_parameters"]
 
 
 class CatalogProbe(L.Callback):

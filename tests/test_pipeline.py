@@ -14,6 +14,7 @@ from minirec.io import DataError
 from minirec.policy import PolicyConfig
 from minirec.processing import ProcessingConfig
 from minirec.recpo import SamplingConfig
+from minirec.subsets import SelectionConfig
 from pipeline import DeviceConfig, FitStage, LoaderConfig, ScoreStage, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def tiny_run(tmp_path: Path, **over) -> dict:
         policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0),
         sampling=SamplingConfig(group_size=2, max_new_tokens=3),
         proxy=FitStage(subset="random:16", max_epochs=1, optim=optim),
-        score=ScoreStage(pool_size=32, num_rollouts=2, ks=(16, 24), num_stages=2),
+        score=ScoreStage(pool_size=32, num_rollouts=2, selection=SelectionConfig(ks=(16, 24), num_stages=2)),
         train=FitStage(max_epochs=3, save_every_n_steps=1, optim=optim),
         eval_max_new_tokens=3,
         device=DeviceConfig(accelerator="cpu"),
@@ -107,8 +108,8 @@ def test_cli_pipeline_passes_typed_config(monkeypatch: pytest.MonkeyPatch, capsy
         return {"test": {"metrics": {"test/ndcg@10": 0.25}}}
 
     monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
-    cli.main(["pipeline", "--config", str(ROOT / "configs/quickstart.yaml"), "--score.ks", "[8, 16]"])
+    cli.main(["pipeline", "--config", str(ROOT / "configs/quickstart.yaml"), "--score.selection.ks", "[8, 16]"])
     assert isinstance(seen["policy"], PolicyConfig) and seen["policy"].pretrained == "smollm2-135m-instruct"
     assert isinstance(seen["processing"], ProcessingConfig) and seen["processing"].k_core == 50
-    assert isinstance(seen["train"].optim, OptimConfig) and tuple(seen["score"].ks) == (8, 16)
+    assert isinstance(seen["train"].optim, OptimConfig) and tuple(seen["score"].selection.ks) == (8, 16)
     assert "test/ndcg@10 0.2500" in capsys.readouterr().out

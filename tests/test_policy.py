@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteri
 
 from minirec.io import DataError
 from minirec.models import resolve_pretrained
-from minirec.policy import MarkerStop, Policy, finish_completion
+from minirec.policy import MarkerStop, Policy, PolicyConfig, finish_completion
 
 MARKER = [44, 11247, 46]  # "<answer>" with the SmolLM2 tokenizer
 TEXTS = ["I liked [Abbey Road] and [Kind of Blue].", "Rated [Thriller] 5/5 and [Rumours] 4/5 last month, then more."]
@@ -19,7 +19,7 @@ TEXTS = ["I liked [Abbey Road] and [Kind of Blue].", "Rated [Thriller] 5/5 and [
 @pytest.fixture(scope="module")
 def policy() -> Policy:
     """A shared tiny Qwen2 policy; tests that change its weights build their own."""
-    return Policy("tiny-random-qwen2")
+    return Policy(PolicyConfig("tiny-random-qwen2"))
 
 
 def prompts(policy: Policy, texts: list[str] = TEXTS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +57,7 @@ def test_marker_ids_and_errors(policy):
     assert policy.marker_ids == MARKER
     for bad in ["", "<|im_end|>"]:
         with pytest.raises(DataError, match="answer_marker"):
-            Policy("tiny-random-qwen2", answer_marker=bad)
+            Policy(PolicyConfig("tiny-random-qwen2", answer_marker=bad))
 
 
 def tokens(policy: Policy, text: str) -> list[int]:
@@ -149,8 +149,8 @@ def plain_generate(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, num_sa
 def test_shared_prefill_sampling_draws_the_plain_generate_samples(arch, marker):
     """One prefill per prompt (its KV cache repeated G times) draws, under a seed, exactly the samples of HF generate
     with num_return_sequences=G, which prefills each prompt G times: 3 left-padded prompts of different lengths, G=4."""
-    policy = Policy(f"tiny-random-{arch}", answer_marker=marker,
-                    attn_implementation="eager" if arch == "gemma2" else "sdpa")
+    policy = Policy(PolicyConfig(f"tiny-random-{arch}", answer_marker=marker,
+                    attn_implementation="eager" if arch == "gemma2" else "sdpa"))
     randomize_lora(policy)
     ids, mask = prompts(policy, TEXTS + ["Hi"])
     assert len(set(mask.sum(1).tolist())) == 3
@@ -212,7 +212,7 @@ def test_generation_stops_at_first_marker(policy):
             break
     else:
         pytest.fail("no greedy token pair usable as a marker")
-    stopping = Policy("tiny-random-qwen2", answer_marker=text)
+    stopping = Policy(PolicyConfig("tiny-random-qwen2", answer_marker=text))
     assert stopping.marker_ids == cand
     comp, cmask = stopping.generate(ids, mask, do_sample=False, max_new_tokens=24)
     assert real_rows(comp, cmask)[0] == free[: i + 2]
@@ -233,7 +233,7 @@ def test_generation_stops_at_marker_text_that_starts_inside_a_token(policy):
             break
     else:
         pytest.fail("no greedy token pair usable for a marker starting inside a token")
-    stopping = Policy("tiny-random-qwen2", answer_marker=marker)
+    stopping = Policy(PolicyConfig("tiny-random-qwen2", answer_marker=marker))
     comp, cmask = stopping.generate(ids, mask, do_sample=False, max_new_tokens=24)
     assert real_rows(comp, cmask)[0] == free[:i] + tokens(policy, first[:1]) + stopping.marker_ids
 
@@ -267,7 +267,7 @@ def test_join_repacks_left_padded(policy):
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
 def test_logprobs_match_full_log_softmax_and_embedding_is_final_norm_state(arch):
-    policy = Policy(f"tiny-random-{arch}", attn_implementation="eager", logprob_chunk_size=5)
+    policy = Policy(PolicyConfig(f"tiny-random-{arch}", attn_implementation="eager", logprob_chunk_size=5))
     randomize_lora(policy)
     ids, mask, comp = sequences(policy)
     logps, emb = policy.forward_sequences(ids, mask, comp)
@@ -339,7 +339,7 @@ def test_only_lora_gets_gradients(policy):
 def test_gradient_checkpointing_gives_same_gradients():
     grads = []
     for ckpt in (False, True):
-        p = Policy("tiny-random-llama", lora_dropout=0.0, gradient_checkpointing=ckpt)
+        p = Policy(PolicyConfig("tiny-random-llama", lora_dropout=0.0, gradient_checkpointing=ckpt))
         randomize_lora(p)
         ids, mask, comp = sequences(p)
         p.train()
@@ -351,24 +351,24 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 def test_trainable_state_dict_roundtrip():
-    source = Policy("tiny-random-qwen2")
+    source = Policy(PolicyConfig("tiny-random-qwen2"))
     randomize_lora(source, seed=3)
     ids, mask, comp = sequences(source)
     expected = source.forward_sequences(ids, mask, comp)
     sd = source.trainable_state_dict()
     assert all("lora_" in n for n in sd) and len(sd) == 2 * 7 * 2  # A and B, 7 modules, 2 layers
-    target = Policy("tiny-random-qwen2")
+    target = Policy(PolicyConfig("tiny-random-qwen2"))
     target.load_trainable_state_dict(sd)
     got = target.forward_sequences(ids, mask, comp)
     assert torch.allclose(got[0], expected[0]) and torch.allclose(got[1], expected[1])
     with pytest.raises(DataError, match="lora_r"):
-        Policy("tiny-random-qwen2", lora_r=8).load_trainable_state_dict(sd)
+        Policy(PolicyConfig("tiny-random-qwen2", lora_r=8)).load_trainable_state_dict(sd)
     with pytest.raises(DataError, match="missing"):
         target.load_trainable_state_dict({k: v for k, v in list(sd.items())[1:]})
 
 
 def test_save_adapter_opens_with_plain_peft(tmp_path):
-    policy = Policy("tiny-random-qwen2", lora_r=8)
+    policy = Policy(PolicyConfig("tiny-random-qwen2", lora_r=8))
     randomize_lora(policy, seed=5)
     policy.save_adapter(tmp_path / "adapter")
     policy.save_adapter(tmp_path / "adapter")  # replacing an existing export works
@@ -381,18 +381,18 @@ def test_save_adapter_opens_with_plain_peft(tmp_path):
         a = plain(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         b = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     assert torch.allclose(a, b, atol=1e-5)
-    reloaded = Policy("tiny-random-qwen2", adapter_path=str(tmp_path / "adapter"))  # lora_r from the adapter
+    reloaded = Policy(PolicyConfig("tiny-random-qwen2", adapter_path=str(tmp_path / "adapter")))  # lora_r from the adapter
     sd, sd2 = policy.trainable_state_dict(), reloaded.trainable_state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
     assert {n for n, p in reloaded.model.named_parameters() if p.requires_grad} == sd.keys()  # trainable
     with pytest.raises(DataError, match="adapter_path"):
-        Policy("tiny-random-qwen2", adapter_path=str(tmp_path))
+        Policy(PolicyConfig("tiny-random-qwen2", adapter_path=str(tmp_path)))
 
 
 def test_eager_attention_hessian_vector_product():
     """Grad of grad through encode and the log-probs (LoRA space, padded batch) matches central finite differences of
     the gradient."""
-    policy = Policy("tiny-random-llama", attn_implementation="eager", lora_dropout=0.0)
+    policy = Policy(PolicyConfig("tiny-random-llama", attn_implementation="eager", lora_dropout=0.0))
     randomize_lora(policy, seed=1)
     ids, mask, comp = sequences(policy, max_new_tokens=3)
     assert not mask.all()  # left padding is part of the check
@@ -426,14 +426,14 @@ def test_eager_attention_hessian_vector_product():
 
 
 def test_bfloat16_and_bad_settings():
-    policy = Policy("tiny-random-llama", dtype="bfloat16")
+    policy = Policy(PolicyConfig("tiny-random-llama", dtype="bfloat16"))
     assert policy.model.get_base_model().get_input_embeddings().weight.dtype == torch.bfloat16
     ids, mask, comp = sequences(policy, max_new_tokens=3)
     logps, emb = policy.forward_sequences(ids, mask, comp)
     assert logps.dtype == emb.dtype == torch.float32 and torch.isfinite(logps).all()
     with pytest.raises(DataError, match="model.dtype"):
-        Policy("tiny-random-llama", dtype="float8")
+        Policy(PolicyConfig("tiny-random-llama", dtype="float8"))
     with pytest.raises(DataError, match="lora_target_modules"):
-        Policy("tiny-random-llama", lora_target_modules=("no_such_proj",))
+        Policy(PolicyConfig("tiny-random-llama", lora_target_modules=("no_such_proj",)))
     with pytest.raises(DataError, match="attn_implementation"):
-        Policy("tiny-random-gemma2", attn_implementation="sdpa")
+        Policy(PolicyConfig("tiny-random-gemma2", attn_implementation="sdpa"))

@@ -26,7 +26,8 @@ from minirec.processing import (
     process,
     title_ok,
 )
-from minirec.sources import load_source, read_amazon_interactions
+from minirec.processing import load_source
+from minirec.sources import read_amazon_interactions
 
 BEAUTY_CSV = "All_Beauty.5core_rating_only.csv.gz"
 BEAUTY_META = "meta_All_Beauty.5core_items.jsonl"

@@ -21,12 +21,13 @@ import torch
 from callbacks.score_writer import CSV_COLUMNS, ScoreWriter
 from datamodules import RecDataModule
 from minirec.io import DataError
+from minirec.subsets import SelectionConfig
 from minirec.processing import ProcessingConfig
 from minirec.selection import greedy_value_selection, learnability, representativeness, value_scores
 
 SYNTH = ProcessingConfig(dataset="synthetic", synthetic_users=60, synthetic_items=24)
 POOL, BATCH, ROLLOUTS = 40, 8, 4
-ARTEFACTS = ("fingerprint.json", "scores.csv", "vectors.pt", "summary.json", "selection.json", "reward_hist.png",
+ARTEFACTS = ("fingerprint.json", "scores.csv", "score_table.pt", "summary.json", "selection.json", "reward_hist.png",
              "l_vs_r.png", "selected_vs_pool.png", "curriculum.png")
 
 
@@ -100,7 +101,7 @@ def pool(cache: str) -> list[int]:
 
 def test_end_to_end_artefacts_prefix_and_round_trip(tmp_path, cache, pool) -> None:
     out = tmp_path / "scores"
-    module = predict(cache, ScoreWriter(str(out), ks=[8, 16], num_stages=4))
+    module = predict(cache, ScoreWriter(str(out), SelectionConfig(ks=[8, 16], num_stages=4)))
     assert sorted(module.seen) == sorted(pool) and len(pool) == POOL
     for name in ARTEFACTS + ("selection_k8.json", "selection_k16.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -112,7 +113,7 @@ def test_end_to_end_artefacts_prefix_and_round_trip(tmp_path, cache, pool) -> No
     rewards = torch.tensor([[float(x) for x in r["rewards"].split(" ")] for r in rows])
     mean = torch.tensor([float(r["mean_reward"]) for r in rows])
     assert rewards.shape == (POOL, ROLLOUTS) and torch.allclose(rewards.mean(dim=1), mean, atol=1e-6)
-    vectors = torch.load(out / "vectors.pt", weights_only=True)
+    vectors = torch.load(out / "score_table.pt", weights_only=True)
     assert vectors["sample_id"].tolist() == pool and vectors["user_emb"].shape == (POOL, 8)
     L_, R_ = learnability(mean), representativeness(vectors["rep_vec"])
     q = value_scores(L_, R_)
@@ -154,8 +155,8 @@ def test_end_to_end_artefacts_prefix_and_round_trip(tmp_path, cache, pool) -> No
                                                  ("minirec_no_curriculum", "stages")])
 def test_other_strategies_keep_prefixes(tmp_path, cache, pool, strategy, curriculum) -> None:
     out = tmp_path / "scores"
-    predict(cache, ScoreWriter(str(out), ks=[12, 6], strategy=strategy, curriculum=curriculum, num_stages=3,
-                               fold_size=4))
+    selection = SelectionConfig(ks=[12, 6], strategy=strategy, curriculum=curriculum, num_stages=3, fold_size=4)
+    predict(cache, ScoreWriter(str(out), selection))
     small, large = (json.loads((out / f"selection_k{k}.json").read_text()) for k in (6, 12))
     assert large["selection_order"][:6] == small["selection_order"] and len(set(large["selection_order"])) == 12
     assert json.loads((out / "selection.json").read_text())["k"] == 12  # the first of ks
@@ -170,57 +171,57 @@ def test_other_strategies_keep_prefixes(tmp_path, cache, pool, strategy, curricu
 def test_resume_after_kill_scores_only_the_rest(tmp_path, cache, pool) -> None:
     out = tmp_path / "scores"
     with pytest.raises(RuntimeError, match="simulated kill"):
-        predict(cache, ScoreWriter(str(out), ks=[8]), FakeScorer(fail_at=2))
+        predict(cache, ScoreWriter(str(out), SelectionConfig(ks=[8])), FakeScorer(fail_at=2))
     assert len(list((out / "shards").glob("*.pt"))) == 2 and not (out / "scores.csv").exists()
     (out / "shards" / ".rank0-999.pt.x.tmp").write_bytes(b"half a shard")  # a write the kill interrupted
-    second = predict(cache, ScoreWriter(str(out), ks=[8]))
+    second = predict(cache, ScoreWriter(str(out), SelectionConfig(ks=[8])))
     assert not list(out.rglob("*.tmp"))
     assert sorted(second.seen) == sorted(pool[2 * BATCH:])  # only the unfinished samples
     assert [int(r["sample_id"]) for r in read_csv(out / "scores.csv")] == pool
     assert json.loads((out / "summary.json").read_text())["previously_scored"] == 2 * BATCH
 
     clean = tmp_path / "clean"
-    predict(cache, ScoreWriter(str(clean), ks=[8]))
+    predict(cache, ScoreWriter(str(clean), SelectionConfig(ks=[8])))
     assert (out / "scores.csv").read_text() == (clean / "scores.csv").read_text()
     assert (out / "selection.json").read_text() == (clean / "selection.json").read_text()
 
     # killed after the last shard but before the merge: the rerun scores nothing and merges
     for name in ("scores.csv", "selection.json", "selection_k8.json"):
         (out / name).unlink()
-    third = predict(cache, ScoreWriter(str(out), ks=[8]))
+    third = predict(cache, ScoreWriter(str(out), SelectionConfig(ks=[8])))
     assert third.seen == [] and (out / "selection.json").read_text() == (clean / "selection.json").read_text()
 
 
 def test_missing_samples_raise_and_write_nothing(tmp_path, cache) -> None:
     out = tmp_path / "scores"
     with pytest.raises(DataError, match=f"{2 * BATCH} of {POOL} pool samples have no scores"):
-        predict(cache, ScoreWriter(str(out), ks=[8]), limit_predict_batches=3)
+        predict(cache, ScoreWriter(str(out), SelectionConfig(ks=[8])), limit_predict_batches=3)
     assert sorted(p.name for p in out.iterdir()) == ["fingerprint.json", "shards"]
 
 
 def test_fingerprint_mismatch_overwrites_nothing(tmp_path, cache) -> None:
     out = tmp_path / "scores"
-    predict(cache, ScoreWriter(str(out), ks=[8]))
+    predict(cache, ScoreWriter(str(out), SelectionConfig(ks=[8])))
     before = snapshot(out)
     with pytest.raises(DataError, match=r"fingerprint.json.*scoring: \{.*'rollouts': 4.*\} there vs \{.*'rollouts': 2"):
-        predict(cache, ScoreWriter(str(out), ks=[8]), FakeScorer(rollouts=2))
+        predict(cache, ScoreWriter(str(out), SelectionConfig(ks=[8])), FakeScorer(rollouts=2))
     assert snapshot(out) == before
 
 
 def test_settings_errors_before_anything_is_written(tmp_path, cache) -> None:
     out = tmp_path / "scores"
-    with pytest.raises(DataError, match=r"ScoreWriter.ks: subset sizes \[41\] exceed the scoring pool of 40"):
-        predict(cache, ScoreWriter(str(out), ks=[8, 41]))
+    with pytest.raises(DataError, match=r"selection.ks: subset sizes \[41\] exceed the scoring pool of 40"):
+        predict(cache, ScoreWriter(str(out), SelectionConfig(ks=[8, 41])))
     assert not out.exists()
     for kwargs, message in (
-        ({"ks": [0]}, "ScoreWriter.ks"), ({"ks": []}, "ScoreWriter.ks"), ({"ks": [8, 8]}, "ScoreWriter.ks"),
-        ({"ks": [3], "num_stages": 4}, r"ScoreWriter.num_stages: must lie in 1..3"),
-        ({"strategy": "full"}, "data.subset: all"), ({"curriculum": "zigzag"}, "ScoreWriter.curriculum"),
-        ({"selection_dtype": "int8"}, "ScoreWriter.selection_dtype"),
+        ({"ks": [0]}, "selection.ks"), ({"ks": []}, "selection.ks"), ({"ks": [8, 8]}, "selection.ks"),
+        ({"ks": [3], "num_stages": 4}, r"selection.num_stages: must lie in 1..3"),
+        ({"strategy": "full"}, "data.subset: all"), ({"curriculum": "zigzag"}, "selection.curriculum"),
+        ({"selection_dtype": "int8"}, "selection.selection_dtype"),
     ):
         with pytest.raises(DataError, match=message):
-            ScoreWriter(str(out), **kwargs)
-    ScoreWriter(str(out), ks=[3], num_stages=4, strategy="minirec_no_curriculum")  # no stages: fine
+            ScoreWriter(str(out), SelectionConfig(**kwargs))
+    ScoreWriter(str(out), SelectionConfig(ks=[3], num_stages=4, strategy="minirec_no_curriculum"))  # no stages: fine
 
 
 def test_bad_prediction_is_named(tmp_path, cache) -> None:
@@ -231,7 +232,7 @@ def test_bad_prediction_is_named(tmp_path, cache) -> None:
             return out
 
     with pytest.raises(DataError, match=r"predict_step must return a dict with .*'rep_vec'"):
-        predict(cache, ScoreWriter(str(tmp_path / "scores"), ks=[8]), Broken())
+        predict(cache, ScoreWriter(str(tmp_path / "scores"), SelectionConfig(ks=[8])), Broken())
 
 
 def test_two_processes_give_the_single_process_table(tmp_path, cache) -> None:
@@ -241,12 +242,12 @@ def test_two_processes_give_the_single_process_table(tmp_path, cache) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = {p.name.split("-")[0] for p in (tmp_path / "ddp" / "shards").glob("*.pt")}
     assert shards == {"rank0", "rank1"}
-    predict(cache, ScoreWriter(str(tmp_path / "one"), ks=[8]))
+    predict(cache, ScoreWriter(str(tmp_path / "one"), SelectionConfig(ks=[8])))
     for name in ("scores.csv", "selection.json"):
         assert (tmp_path / "ddp" / name).read_text() == (tmp_path / "one" / name).read_text()
 
 
 if __name__ == "__main__":  # the 2-process predict of the test above
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[ScoreWriter(sys.argv[2], ks=[8])])
+                        enable_model_summary=False, callbacks=[ScoreWriter(sys.argv[2], SelectionConfig(ks=[8]))])
     trainer.predict(FakeScorer(), datamodule=make_dm(sys.argv[1]), return_predictions=False)

@@ -15,6 +15,7 @@ from datamodules import RecDataModule
 from lightning_modules import GRPOModule, ScoringModule
 from minirec.io import DataError
 from minirec.policy import PolicyConfig
+from minirec.subsets import SelectionConfig
 from minirec.processing import ProcessingConfig
 from minirec.recpo import SamplingConfig
 
@@ -28,7 +29,7 @@ def make_dm(tmp_path: Path, **kw) -> RecDataModule:
 
 
 def predict(tmp_path: Path, module: ScoringModule, out: Path, ks=(6, 12)) -> None:
-    writer = ScoreWriter(str(out), ks=list(ks), num_stages=2)
+    writer = ScoreWriter(str(out), SelectionConfig(ks=tuple(ks), num_stages=2))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
     trainer.predict(module, datamodule=make_dm(tmp_path, max_predict_samples=18), return_predictions=False)
 
@@ -40,7 +41,7 @@ def test_scores_and_selection_in_both_spaces(tmp_path: Path, space: str) -> None
                            eval_max_new_tokens=3)
     out = tmp_path / "scores"
     predict(tmp_path, module, out)
-    vectors = torch.load(out / "vectors.pt", weights_only=True)
+    vectors = torch.load(out / "score_table.pt", weights_only=True)
     assert vectors["sample_id"].shape == (18,)
     width = 32 if space == "lora" else module.policy.hidden_size
     assert vectors["rep_vec"].shape == (18, width) and torch.isfinite(vectors["rep_vec"]).all()

@@ -11,13 +11,11 @@ import pandas as pd
 import pytest
 
 from minirec.io import DataError
-from minirec.processing import ProcessingConfig
+from minirec.processing import ProcessingConfig, load_source
+from minirec.schema import INTERACTION_COLUMNS, ITEM_COLUMNS
 from minirec.sources import (
     AMAZON_CATEGORIES,
-    INTERACTION_COLUMNS,
-    ITEM_COLUMNS,
     amazon_paths,
-    load_source,
     read_amazon_interactions,
     read_amazon_meta,
     read_movielens_100k,

@@ -8,7 +8,8 @@ import pytest
 
 from minirec.io import DataError
 from minirec.processing import ProcessingConfig, build_samples, assign_item_ids, process
-from minirec.sources import INTERACTION_COLUMNS, ITEM_COLUMNS, load_source
+from minirec.processing import load_source
+from minirec.schema import INTERACTION_COLUMNS, ITEM_COLUMNS
 from minirec.synthetic import GENRES, make_synthetic
 
 

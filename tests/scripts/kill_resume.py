@@ -129,21 +129,6 @@ def pipeline_args(run: Path, cache: Path) -> list[str]:
             str(cache), "--proxy.save_every_n_steps", "3", "--train.save_every_n_steps", "2"]
 
 
-def fit_command(run: Path, cache: Path) -> list[str]:
-    """`minirec fit --ckpt_path last` on configs/fit-tiny.yaml with its folders moved to `run` (the first launch starts
-    fresh; later ones resume from its last.ckpt)."""
-    config = run.with_suffix(".yaml")
-    if not config.is_file():
-        text = (ROOT / "configs/fit-tiny.yaml").read_text().replace("runs/fit-tiny", str(run))
-        config.write_text(text.replace("model: model/", f"model: {ROOT}/configs/model/"))
-    return ["fit", "--config", str(config), "--data.init_args.cache_dir", str(cache), "--ckpt_path", "last"]
-
-
-def pipeline_args(run: Path, cache: Path) -> list[str]:
-    return ["pipeline", "--config", "configs/pipeline-tiny.yaml", "--run_dir", str(run), "--loader.cache_dir",
-            str(cache), "--proxy.save_every_n_steps", "3", "--train.save_every_n_steps", "2"]
-
-
 def fit_args(run: Path, cache: Path) -> list[str]:
     """`minirec fit --ckpt_path last` on configs/fit-tiny.yaml with its folders moved to `run` (the first launch starts
     fresh; later ones resume from its last.ckpt)."""

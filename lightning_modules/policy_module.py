@@ -1,0 +1,86 @@
+"""PolicyModule: what GRPOModule and ScoringModule share: the policy, the catalogue encoding and greedy user
+embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from minirec.io import ConfigError, allow_in_checkpoints
+from minirec.policy import Policy, PolicyConfig, eval_mode
+from minirec.recpo import RewardConfig, SamplingConfig
+
+allow_in_checkpoints(PolicyConfig, SamplingConfig, RewardConfig)
+
+
+class PolicyModule(L.LightningModule):
+    """A LightningModule around a `Policy` (causal LM + LoRA): the item catalogue encoded in eval mode and sharded over
+    devices, and greedy reasoning then encoding for user embeddings. `run_seed` is the seed_everything seed at
+    construction; subclasses reseed from it per step or batch (`minirec.recpo.reseed`).
+
+    Args:
+        policy: model, LoRA and answer-marker settings.
+        reward: score temperature and reward mix.
+        eval_max_new_tokens: longest greedy reasoning of user embeddings.
+    """
+
+    def __init__(self, policy: PolicyConfig, reward: RewardConfig, eval_max_new_tokens: int) -> None:
+        super().__init__()
+        self.policy_config, self.reward, self.eval_max_new_tokens = policy, reward, eval_max_new_tokens
+        self.policy = Policy(policy)
+        self.catalog: torch.Tensor | None = None  # [N+1, H], row 0 = padding
+        self.run_seed = torch.initial_seed()
+
+    def setup(self, stage: str) -> None:
+        """The datamodule must render prompts the way this policy reads them: the same answer marker and a tokenizer
+        that tokenizes like the policy's (checked on a probe text)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "prompts"):
+            return
+        if dm.prompts.answer_marker != self.policy.answer_marker:
+            raise ConfigError(f"data.prompts.answer_marker={dm.prompts.answer_marker!r} differs from the policy's "
+                              f"model.policy.answer_marker={self.policy.answer_marker!r}; set both to the same text")
+        probe = f"Recommend the next item {self.policy.answer_marker} Caf\u00e9 \u00b7 2023-10-01 123"
+        if dm.tokenizer(probe)["input_ids"] != self.policy.tokenizer(probe)["input_ids"]:
+            raise ConfigError(f"data.tokenizer={dm.hparams.tokenizer!r} tokenizes differently from the policy's model "
+                              f"({self.policy_config.pretrained!r}); set data.tokenizer to the policy's model")
+
+    @torch.no_grad()
+    def encode_catalog(self, shard: bool = True) -> torch.Tensor:
+        """Encode all items in eval mode (no dropout, like user embeddings): [N+1, H] (row 0 zeros). `shard`: split the
+        items over ranks and all_gather (every rank must call); otherwise this rank encodes the whole catalogue alone
+        (no collectives). Non-finite embeddings raise FloatingPointError."""
+        dm = self.trainer.datamodule
+        n, bs = dm.num_items, dm.hparams.item_batch_size
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if shard else (1, 0)
+        per_rank = math.ceil(n / world)
+        mine = list(range(1 + rank * per_rank, 1 + min(n, (rank + 1) * per_rank)))
+        by_length = sorted(range(len(mine)), key=lambda i: len(dm.items[mine[i] - 1]["prompt_ids"]))  # less padding
+        local = torch.zeros(len(mine), self.policy.hidden_size, device=self.device)
+        with eval_mode(self.policy):
+            for start in range(0, per_rank, bs):
+                rows = by_length[start : start + bs]
+                prompt_ids, prompt_mask = dm.item_prompt_batch([mine[i] for i in rows] or [1])  # same calls per rank
+                emb = self.policy.encode(prompt_ids.to(self.device), prompt_mask.to(self.device)).float()
+                local[rows] = emb[: len(rows)]
+        if not torch.isfinite(local).all():
+            bad = [mine[i] for i in torch.nonzero(~torch.isfinite(local).all(1)).flatten().tolist()[:5] if i < len(mine)]
+            raise FloatingPointError(f"non-finite item embeddings at global step {self.global_step}; item ids {bad}")
+        padded = torch.zeros(per_rank, local.shape[1], device=self.device)
+        padded[: len(local)] = local
+        gathered = self.all_gather(padded) if world > 1 else padded[None]
+        catalog = torch.zeros(n + 1, local.shape[1], device=self.device)
+        catalog[1:] = gathered.reshape(-1, local.shape[1])[:n]
+        return catalog
+
+    @torch.no_grad()
+    def user_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy reasoning then encoding: user embeddings [B, H] and the user sequences (ids, mask [B, S])."""
+        comp, comp_mask = self.policy.generate(
+            batch["prompt_ids"], batch["prompt_mask"], num_samples=1, do_sample=False,
+            max_new_tokens=self.eval_max_new_tokens,
+        )
+        seq, mask, _ = self.policy.join(batch["prompt_ids"], batch["prompt_mask"], comp, comp_mask)
+        return self.policy.encode(seq, mask).float(), seq, mask
