@@ -1,6 +1,6 @@
 """The MiniRec pipeline: proxy fit → score → select → fit on the selection with the curriculum → test, in one run folder.
 
-Each stage writes `done.json` when complete; a re-run skips complete stages and resumes an interrupted one (a fit from
+Each step writes `done.json` when complete; a re-run skips complete steps and resumes an interrupted one (a fit from
 its `last.ckpt`, scoring from the score writer's shards). `report.md` gathers metrics, wall times, the selection
 summary and the plots.
 """
@@ -22,7 +22,7 @@ from callbacks import AdapterExport, CurriculumCallback, ResumeCheckpoint, Score
 from datamodules import RecDataModule
 from lightning_modules import GRPOModule, ScoringModule
 from lightning_modules.grpo import OptimConfig
-from minirec.io import DataError, atomic_write_json, atomic_write_text, load_checkpoint, read_json
+from minirec.io import ConfigError, DataError, atomic_write_json, atomic_write_text, load_checkpoint, read_json
 from minirec.losses import LossConfig
 from minirec.plots import training_curves
 from minirec.policy import PolicyConfig
@@ -34,7 +34,7 @@ from minirec.subsets import SelectionConfig
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Data loading shared by every stage.
+    """Data loading shared by every step.
 
     Args:
         cache_dir: processed-dataset cache folder.
@@ -58,11 +58,11 @@ class LoaderConfig:
 
 
 @dataclass(frozen=True)
-class FitStage:
+class FitStep:
     """One RecPO fit (the proxy or the final training).
 
     Args:
-        subset: training subset for the proxy (`random:<k>`); the train stage always uses the selection.
+        subset: training subset for the proxy (`random:<k>`); the train step always uses the selection.
         max_epochs: epochs (the train stage also unlocks one curriculum stage per `epochs_per_stage` epochs).
         max_steps: optimizer-step cap (-1 = none).
         val_every_n_steps: validate every n steps (None = by epochs, see val_every_n_epochs).
@@ -85,7 +85,7 @@ class FitStage:
 
 
 @dataclass(frozen=True)
-class ScoreStage:
+class ScoreStep:
     """Scoring and selection.
 
     Args:
@@ -114,7 +114,7 @@ class DeviceConfig:
 
     Args:
         accelerator: Lightning accelerator (`auto`, `cpu`, `gpu`).
-        devices: devices per stage.
+        devices: devices per step.
         strategy: Lightning strategy name (`auto`, `ddp`, `deepspeed_stage_2`, ...).
         precision: Lightning precision (`32-true`, `bf16-mixed`, `bf16-true`).
     """
@@ -136,9 +136,9 @@ class PipelineSpec:
     sampling: SamplingConfig = SamplingConfig()
     reward: RewardConfig = RewardConfig()
     loss: LossConfig = LossConfig()
-    proxy: FitStage = FitStage()
-    score: ScoreStage = ScoreStage()
-    train: FitStage = FitStage(subset="selection")
+    proxy: FitStep = FitStep()
+    score: ScoreStep = ScoreStep()
+    train: FitStep = FitStep(subset="selection")
     eval_max_new_tokens: int = 256
     device: DeviceConfig = DeviceConfig()
     seed: int = 0
@@ -148,10 +148,10 @@ class PipelineSpec:
         return RecDataModule(processing=self.processing, prompts=self.prompts, tokenizer=self.policy.pretrained,
                              **asdict(self.loader), **kw)
 
-    def module(self, stage: FitStage, **kw: Any) -> GRPOModule:
-        """A fresh GRPOModule for one fit stage; `kw` sets its other arguments (e.g. `test_baselines`)."""
+    def module(self, fit: FitStep, **kw: Any) -> GRPOModule:
+        """A fresh GRPOModule for one fit step; `kw` sets its other arguments (e.g. `test_baselines`)."""
         return GRPOModule(policy=self.policy, sampling=self.sampling, reward=self.reward, loss=self.loss,
-                          optim=stage.optim, eval_max_new_tokens=self.eval_max_new_tokens, **kw)
+                          optim=fit.optim, eval_max_new_tokens=self.eval_max_new_tokens, **kw)
 
 
 def run_pipeline(
@@ -163,9 +163,9 @@ def run_pipeline(
     sampling: SamplingConfig = SamplingConfig(),
     reward: RewardConfig = RewardConfig(),
     loss: LossConfig = LossConfig(),
-    proxy: FitStage = FitStage(),
-    score: ScoreStage = ScoreStage(),
-    train: FitStage = FitStage(subset="selection"),
+    proxy: FitStep = FitStep(),
+    score: ScoreStep = ScoreStep(),
+    train: FitStep = FitStep(subset="selection"),
     eval_max_new_tokens: int = 256,
     device: DeviceConfig = DeviceConfig(),
     seed: int = 0,
@@ -173,7 +173,7 @@ def run_pipeline(
     """Run (or resume) proxy → score → train → test under `run_dir`; returns the report's numbers.
 
     Args:
-        run_dir: folder of this run; stages already complete there are skipped.
+        run_dir: folder of this run; steps already complete there are skipped.
         processing: dataset processing (METHOD.md §2).
         prompts: prompt templates and lengths.
         loader: data loading shared by the stages.
@@ -193,11 +193,11 @@ def run_pipeline(
     run = Path(run_dir)
     check_run_config(run, spec)
     times: dict[str, float] = {}
-    proxy_done = run_stage(run / "proxy", times, "proxy", lambda d: fit_proxy(spec, d))
+    proxy_done = run_step(run / "proxy", times, "proxy", lambda d: fit_proxy(spec, d))
     score_dir = run / "scores"
-    score_done = run_stage(score_dir, times, "score", lambda d: score_pool(spec, d, proxy_done["adapter"]))
-    train_done = run_stage(run / "train", times, "train", lambda d: fit_subset(spec, d, score_done["selection"]))
-    test_done = run_stage(run / "test", times, "test", lambda d: test_best(spec, d, train_done["best_checkpoint"]))
+    score_done = run_step(score_dir, times, "score", lambda d: score_pool(spec, d, proxy_done["adapter"]))
+    train_done = run_step(run / "train", times, "train", lambda d: fit_subset(spec, d, score_done["selection"]))
+    test_done = run_step(run / "test", times, "test", lambda d: test_best(spec, d, train_done["best_checkpoint"]))
     result = {"proxy": proxy_done, "score": score_done, "train": train_done, "test": test_done, "seconds": times,
               "loss_impl": loss.loss_impl}
     for name in ("proxy", "train"):
@@ -271,14 +271,14 @@ def check_run_config(run: Path, spec: PipelineSpec) -> None:
         atomic_write_json(path, config)
 
 
-def run_stage(folder: Path, times: dict[str, float], name: str, body) -> dict[str, Any]:
+def run_step(folder: Path, times: dict[str, float], name: str, body) -> dict[str, Any]:
     """Run `body(folder)` unless `folder/done.json` exists; record its wall time in the marker."""
     marker = folder / "done.json"
     if marker.is_file():
         done = read_json(marker)
         if not isinstance(done, dict) or not isinstance(done.get("seconds"), (int, float)):
-            raise DataError(f"{marker}: field 'seconds' missing or not a number: not a stage marker of this pipeline; "
-                            "delete it to run the stage again")
+            raise DataError(f"{marker}: field 'seconds' missing or not a number: not a step marker of this pipeline; "
+                            "delete it to run the step again")
         print(f"[pipeline] {name}: already complete, skipped ({marker})")
     else:
         print(f"[pipeline] {name}: running in {folder}")
@@ -294,14 +294,14 @@ def run_stage(folder: Path, times: dict[str, float], name: str, body) -> dict[st
 STRATEGY_PRESETS = Path(__file__).resolve().parent / "configs" / "strategy"
 
 
-def deepspeed_settings(stage: int, grad_clip: float) -> dict[str, Any]:
-    """The DeepSpeedStrategy arguments of `configs/strategy/deepspeed-zero{stage}.yaml` (the one source of RecPO's
+def deepspeed_settings(zero: int, grad_clip: float) -> dict[str, Any]:
+    """The DeepSpeedStrategy arguments of `configs/strategy/deepspeed-zero{zero}.yaml` (ZeRO level `zero`) (the one source of RecPO's
     DeepSpeed settings, also used as `minirec fit --config` presets), with this fit's gradient clipping."""
     import yaml
 
-    path = STRATEGY_PRESETS / f"deepspeed-zero{stage}.yaml"
+    path = STRATEGY_PRESETS / f"deepspeed-zero{zero}.yaml"
     if not path.is_file():
-        raise DataError(f"device.strategy=deepspeed_stage_{stage}: no preset {path} (ZeRO stages 2 and 3 ship)")
+        raise ConfigError(f"device.strategy=deepspeed_stage_{zero}: no preset {path} (ZeRO levels 2 and 3 ship)")
     args = yaml.safe_load(path.read_text())["trainer"]["strategy"]["init_args"]
     return {**args, "config": {**args["config"], "gradient_clipping": grad_clip}}
 
@@ -319,7 +319,7 @@ def _trainer(folder: Path, device: DeviceConfig, callbacks: list, grad_clip: flo
                      enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, **kw)
 
 
-def _fit(folder: Path, module: GRPOModule, dm: RecDataModule, stage: FitStage, device: DeviceConfig,
+def _fit(folder: Path, module: GRPOModule, dm: RecDataModule, fit: FitStep, device: DeviceConfig,
          callbacks: list, **kw: Any) -> dict[str, Any]:
     """Fit with the best checkpoint (at validation), `last.ckpt` (`ResumeCheckpoint`) and the best adapter exported;
     resumes from `last.ckpt` when present. The best checkpoint is overwritten in place (no `-v1` copy after a resume)."""
@@ -328,13 +328,13 @@ def _fit(folder: Path, module: GRPOModule, dm: RecDataModule, stage: FitStage, d
         load_checkpoint(last)  # a foreign or broken file is a user error naming it, not a traceback from Lightning
     ckpt = ModelCheckpoint(dirpath=folder / "checkpoints", monitor="val/ndcg@10", mode="max", filename="best",
                            enable_version_counter=False)
-    last_ckpt = ResumeCheckpoint(str(folder / "checkpoints"), stage.save_every_n_steps)
+    last_ckpt = ResumeCheckpoint(str(folder / "checkpoints"), fit.save_every_n_steps)
     export = AdapterExport(dirpath=str(folder / "adapter_best"))
-    val = {"val_check_interval": stage.val_every_n_steps, "check_val_every_n_epoch": None} \
-        if stage.val_every_n_steps else {"check_val_every_n_epoch": stage.val_every_n_epochs}
-    trainer = _trainer(folder, device, [ckpt, last_ckpt, export, *callbacks], stage.optim.grad_clip,
+    val = {"val_check_interval": fit.val_every_n_steps, "check_val_every_n_epoch": None} \
+        if fit.val_every_n_steps else {"check_val_every_n_epoch": fit.val_every_n_epochs}
+    trainer = _trainer(folder, device, [ckpt, last_ckpt, export, *callbacks], fit.optim.grad_clip,
                        logger=CSVLogger(folder, name="logs"),
-                       max_epochs=stage.max_epochs, max_steps=stage.max_steps, **val, **kw)
+                       max_epochs=fit.max_epochs, max_steps=fit.max_steps, **val, **kw)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
     if not ckpt.best_model_path:
         raise DataError(f"{folder}: no validation ran, so there is no best checkpoint; validate at least once per fit")
@@ -343,17 +343,17 @@ def _fit(folder: Path, module: GRPOModule, dm: RecDataModule, stage: FitStage, d
 
 
 def _report(result: dict[str, Any], run: Path) -> str:
-    """report.md: test metrics against the baselines, per-stage wall time, the selection summary and the plots."""
+    """report.md: test metrics against the baselines, per-step wall time, the selection summary and the plots."""
     summary = result["score"]["summary"]
     lines = ["# MiniRec pipeline report", "", f"Loss implementation: `{result['loss_impl']}`.", "",
              "## Test metrics (best-valid checkpoint) against baselines", "",
              "`policy` is the trained policy; `zero_shot` the same model untrained (adapter off), same prompts; "
              "`popularity` ranks by training-split counts; `random` is the expected value of a random ranking.", "",
              (run / "test" / "test_report.md").read_text().split("\n", 2)[2].strip(), ""]
-    lines += ["", "## Validation NDCG@10 (best)", "", "| stage | val/ndcg@10 | steps |", "|---|---|---|",
+    lines += ["", "## Validation NDCG@10 (best)", "", "| fit | val/ndcg@10 | steps |", "|---|---|---|",
               f"| proxy | {result['proxy']['best_val_ndcg@10']:.4f} | {result['proxy']['global_step']} |",
               f"| train on selection | {result['train']['best_val_ndcg@10']:.4f} | {result['train']['global_step']} |",
-              "", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+              "", "## Wall time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result["seconds"].items()]
     lines += [f"| total | {sum(result['seconds'].values()):.1f} |", "", "## Selection", "", "```",
               json.dumps(summary, indent=2, sort_keys=True, default=str), "```", "", "## Plots", ""]

@@ -40,7 +40,7 @@ from cli import pipeline_parser
 from minirec.io import DataError, atomic_write_text
 from minirec.selection import STRATEGIES
 from minirec.subsets import ScoreTable, Selection, select_subsets
-from pipeline import PipelineSpec, check_run_config, fit_proxy, fit_subset, run_stage, score_pool, test_best
+from pipeline import PipelineSpec, check_run_config, fit_proxy, fit_subset, run_step, score_pool, test_best
 
 SCORED = ("minirec", "minirec_no_curriculum", "learnability", "representativeness", "diversity")
 RUN_COLUMNS = ("seed", "policy", "strategy", "k", "train_samples", "proxy_s", "score_s", "select_s", "train_s",
@@ -104,8 +104,8 @@ def train_and_test(spec: PipelineSpec, folder: Path, selection: str, baselines: 
     """Fit on a selection file, then test its best-valid checkpoint (each a resumable stage), with the baselines on
     the same test samples when `baselines` is set."""
     times: dict[str, float] = {}
-    fit = run_stage(folder / "train", times, f"train {folder.name}", lambda d: fit_subset(spec, d, selection))
-    test = run_stage(folder / "test", times, f"test {folder.name}",
+    fit = run_step(folder / "train", times, f"train {folder.name}", lambda d: fit_subset(spec, d, selection))
+    test = run_step(folder / "test", times, f"test {folder.name}",
                      lambda d: test_best(spec, d, fit["best_checkpoint"], baselines))
     return {"fit": fit, "metrics": test["metrics"], "baselines": test["baselines"]["methods"],
             "train_s": times[f"train {folder.name}"], "test_s": times[f"test {folder.name}"]}
@@ -122,8 +122,8 @@ def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str]
     folder = out / f"seed{spec.seed}"
     check_run_config(folder, spec)
     times: dict[str, float] = {}
-    proxy = run_stage(folder / "proxy", times, "proxy", lambda d: fit_proxy(spec, d))
-    run_stage(folder / "scores", times, "score", lambda d: score_pool(spec, d, proxy["adapter"]))
+    proxy = run_step(folder / "proxy", times, "proxy", lambda d: fit_proxy(spec, d))
+    run_step(folder / "scores", times, "score", lambda d: score_pool(spec, d, proxy["adapter"]))
     table = ScoreTable.load(folder / "scores" / "score_table.pt")
     rows = []
 

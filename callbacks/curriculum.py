@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 
-from minirec.io import DataError
+from minirec.io import ConfigError, DataError
 
 
 class CurriculumCallback(L.Callback):
@@ -26,7 +26,7 @@ class CurriculumCallback(L.Callback):
 
     def __init__(self, epochs_per_stage: int = 1) -> None:
         if isinstance(epochs_per_stage, bool) or not isinstance(epochs_per_stage, int) or epochs_per_stage < 1:
-            raise DataError(f"CurriculumCallback.epochs_per_stage: must be an integer >= 1, got {epochs_per_stage!r}")
+            raise ConfigError(f"CurriculumCallback.epochs_per_stage: must be an integer >= 1, got {epochs_per_stage!r}")
         self.epochs_per_stage = epochs_per_stage
 
     @staticmethod

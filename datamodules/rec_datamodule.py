@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minirec.curriculum import PACINGS, active_ids, current_stage
-from minirec.io import DataError, allow_in_checkpoints
+from minirec.io import ConfigError, DataError, allow_in_checkpoints
 from minirec.processing import ProcessingConfig, build_dataset
 from minirec.prompts import PromptBuilder, PromptConfig
 from minirec.subsets import Selection
@@ -211,9 +211,9 @@ class RecDataModule(L.LightningDataModule):
         """
         super().__init__()
         if pacing not in PACINGS:
-            raise DataError(f"data.pacing: must be one of {PACINGS}, got {pacing!r}")
+            raise ConfigError(f"data.pacing: must be one of {PACINGS}, got {pacing!r}")
         if predict_split not in SPLITS:
-            raise DataError(f"data.predict_split: must be one of {SPLITS}, got {predict_split!r}")
+            raise ConfigError(f"data.predict_split: must be one of {SPLITS}, got {predict_split!r}")
         self.save_hyperparameters()
         self.processing, self.prompts = processing, prompts
         self.cache_dir = Path(cache_dir)
@@ -249,7 +249,7 @@ class RecDataModule(L.LightningDataModule):
     def _capped(self, rows: list[int], cap: int | None, setting: str) -> list[int]:
         """A seeded sample of `cap` of the given row indices, kept in their order (all of them when cap is None)."""
         if cap is not None and cap < 1:
-            raise DataError(f"data.{setting} must be ≥ 1, got {cap}")
+            raise ConfigError(f"data.{setting} must be ≥ 1, got {cap}")
         if cap is None or cap >= len(rows):
             return list(rows)
         keep = set(random.Random(self.hparams.seed).sample(range(len(rows)), cap))
@@ -264,9 +264,9 @@ class RecDataModule(L.LightningDataModule):
             try:
                 k = int(spec.split(":", 1)[1])
             except ValueError:
-                raise DataError(f"data.subset: expected 'random:<k>' with an integer k, got {spec!r}") from None
+                raise ConfigError(f"data.subset: expected 'random:<k>' with an integer k, got {spec!r}") from None
             if not 1 <= k <= len(pool_rows):
-                raise DataError(f"data.subset: random:{k} needs 1 ≤ k ≤ pool size {len(pool_rows)}")
+                raise ConfigError(f"data.subset: random:{k} needs 1 ≤ k ≤ pool size {len(pool_rows)}")
             chosen = sorted(random.Random(self.hparams.seed).sample(pool_rows, k))
             return chosen, [0] * k, "none"
         return self._selection_file(Path(spec), pool_rows)
@@ -288,7 +288,7 @@ class RecDataModule(L.LightningDataModule):
     def set_stage(self, stage: int | None) -> None:
         """Serve the stages unlocked at `stage` from the next train loader on; None = all selected samples."""
         if stage is not None and not 0 <= stage < self.num_stages:
-            raise DataError(f"curriculum stage {stage} out of range 0..{self.num_stages - 1}")
+            raise ConfigError(f"curriculum stage {stage} out of range 0..{self.num_stages - 1}")
         self.stage = stage
 
     def set_schedule(self, epochs_per_stage: int | None) -> None:

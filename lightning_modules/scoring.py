@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lightning_modules.policy_module import PolicyModule
-from minirec.io import ConfigError, DataError, load_checkpoint
+from minirec.io import ConfigError, load_checkpoint
 from minirec.losses import LossConfig, RecPOLoss
 from minirec.policy import PolicyConfig
 from minirec.recpo import RewardConfig, SamplingConfig, reseed, rollout_forward, sample_rollouts, score_rollouts
@@ -32,10 +32,10 @@ def load_proxy(proxy: str, policy: PolicyConfig) -> tuple[PolicyConfig, dict[str
     path = Path(proxy)
     if path.is_dir():
         if not (path / "adapter_config.json").is_file():
-            raise DataError(f"model.proxy={proxy!r}: folder without adapter_config.json (not an exported PEFT adapter)")
+            raise ConfigError(f"model.proxy={proxy!r}: folder without adapter_config.json (not an exported PEFT adapter)")
         return PolicyConfig(**{**asdict(policy), "adapter_path": str(path)}), None
     if not path.is_file():
-        raise DataError(f"model.proxy={proxy!r}: no such checkpoint file or adapter folder")
+        raise ConfigError(f"model.proxy={proxy!r}: no such checkpoint file or adapter folder")
     ckpt = load_checkpoint(path)
     saved = ckpt.get("hyper_parameters", {}).get("policy")
     if isinstance(saved, dict):  # saved by LightningCLI as the parsed config

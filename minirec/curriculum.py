@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from minirec.io import DataError
+from minirec.io import ConfigError, DataError
 from minirec.selection import select
 
 CURRICULUM_MODES = ("stages", "folds", "none")
@@ -66,14 +66,14 @@ def build_curriculum(
         return ids, [0] * len(ids)
     if mode == "stages":
         if not 1 <= num_stages <= len(ids):
-            raise DataError(f"curriculum num_stages must lie in 1..{len(ids)} (the subset size), got {num_stages}")
+            raise ConfigError(f"curriculum num_stages must lie in 1..{len(ids)} (the subset size), got {num_stages}")
         ordered = _by_reward_desc(ids, rewards)
         base, extra = divmod(len(ordered), num_stages)
         stages = [s for s in range(num_stages) for _ in range(base + (s < extra))]
         return ordered, stages
     if mode == "folds":
         if fold_size < 1:
-            raise DataError(f"curriculum fold_size must be >= 1, got {fold_size}")
+            raise ConfigError(f"curriculum fold_size must be >= 1, got {fold_size}")
         shuffled = sorted(ids)
         random.Random(42).shuffle(shuffled)
         num_folds = max(1, len(ids) // fold_size)
@@ -84,7 +84,7 @@ def build_curriculum(
             ordered += fold
             stages += [f] * len(fold)
         return ordered, stages
-    raise DataError(f"unknown curriculum mode {mode!r}; choose one of {', '.join(CURRICULUM_MODES)}")
+    raise ConfigError(f"unknown curriculum mode {mode!r}; choose one of {', '.join(CURRICULUM_MODES)}")
 
 
 def current_stage(epoch: int, epochs_per_stage: int, num_stages: int) -> int | None:
@@ -109,15 +109,15 @@ def active_ids(
     if len(ids) != len(stages):
         raise DataError(f"curriculum: {len(ids)} ids but {len(stages)} stage indices")
     if pacing not in PACINGS:
-        raise DataError(f"unknown curriculum pacing {pacing!r}; choose one of {', '.join(PACINGS)}")
+        raise ConfigError(f"unknown curriculum pacing {pacing!r}; choose one of {', '.join(PACINGS)}")
     if mode not in CURRICULUM_MODES:
-        raise DataError(f"unknown curriculum mode {mode!r}; choose one of {', '.join(CURRICULUM_MODES)}")
+        raise ConfigError(f"unknown curriculum mode {mode!r}; choose one of {', '.join(CURRICULUM_MODES)}")
     ids = [int(i) for i in ids]
     if mode != "stages" or stage is None:
         return ids
     num_stages = max(stages) + 1 if len(stages) else 1
     if not 0 <= stage < num_stages:
-        raise DataError(f"curriculum stage {stage} out of range 0..{num_stages - 1}")
+        raise ConfigError(f"curriculum stage {stage} out of range 0..{num_stages - 1}")
     if pacing == "cumulative":
         return [i for i, s in zip(ids, stages) if s <= stage]
     return [i for i, s in zip(ids, stages) if s == stage]

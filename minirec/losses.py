@@ -37,7 +37,7 @@ def group_advantages(
     leave_one_out: r - mean of the other G - 1 rewards of the group (= G / (G - 1) * (r - mean_G)).
     """
     if mode not in ADVANTAGE_MODES:
-        raise DataError(f"advantage mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+        raise ConfigError(f"advantage mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
     r = _groups(rewards, group_size)
     if group_size == 1:
         return torch.ones_like(r).view(-1)
@@ -52,7 +52,7 @@ def group_advantages(
 def relabel_mask(rewards: torch.Tensor, group_size: int, topk: int = 1) -> torch.Tensor:
     """Marks the top-`topk` rollouts of each group by reward (ties: lowest index first). `[B x G]` -> bool `[B x G]`."""
     if topk < 0:
-        raise DataError(f"relabel_topk must be >= 0, got {topk}")
+        raise ConfigError(f"relabel_topk must be >= 0, got {topk}")
     r = _groups(rewards, group_size)
     order = torch.sort(r, dim=1, descending=True, stable=True).indices[:, : min(topk, group_size)]
     mask = torch.zeros_like(r, dtype=torch.bool)
@@ -83,7 +83,7 @@ def policy_token_loss(
     ratio_mean, kl (token means; kl is 0 without a reference).
     """
     if agg not in AGG_MODES:
-        raise DataError(f"loss aggregation must be one of {AGG_MODES}, got {agg!r}")
+        raise ConfigError(f"loss aggregation must be one of {AGG_MODES}, got {agg!r}")
     logp = logprobs.float()
     m = mask.float()
     adv = advantages.float()[:, None]
@@ -145,7 +145,7 @@ def rec_infonce_loss(
     (True = not a candidate of that row) drops per-row extra negatives, e.g. the row's history items.
     """
     if tau <= 0:
-        raise DataError(f"tau must be > 0, got {tau}")
+        raise ConfigError(f"tau must be > 0, got {tau}")
     candidates = item_emb.float()
     drop = None
     if extra_negatives is not None:
@@ -178,7 +178,7 @@ def loss_weights(
     optimisation mini-batch (the rec weight over the mini-batches of all devices, gathered), so pass rows accordingly.
     """
     if loss_impl not in LOSS_IMPLS:
-        raise DataError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+        raise ConfigError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
     adv = _groups(advantages, group_size).view(-1)
     weighted = adv * relabel.float()
     if loss_impl == "intended":

@@ -33,7 +33,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from minirec.io import DataError, atomic_dir
+from minirec.io import ConfigError, DataError, atomic_dir
 from minirec.models import load_tokenizer, resolve_pretrained
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -128,9 +128,9 @@ class Policy(torch.nn.Module):
         super().__init__()
         c = self.config = config or PolicyConfig()
         if c.dtype not in (*_DTYPES, "auto"):
-            raise DataError(f"model.dtype={c.dtype!r}: expected one of {', '.join(_DTYPES)}, auto")
+            raise ConfigError(f"model.dtype={c.dtype!r}: expected one of {', '.join(_DTYPES)}, auto")
         if c.logprob_chunk_size < 1:
-            raise DataError(f"model.logprob_chunk_size={c.logprob_chunk_size}: must be >= 1")
+            raise ConfigError(f"model.logprob_chunk_size={c.logprob_chunk_size}: must be >= 1")
         path = resolve_pretrained(c.pretrained)
         self.tokenizer = load_tokenizer(path)
         self.answer_marker = c.answer_marker
@@ -143,11 +143,11 @@ class Policy(torch.nn.Module):
         except ValueError as e:
             if "attention implementation" not in str(e) and "attn_implementation" not in str(e):
                 raise
-            raise DataError(f"model.attn_implementation={c.attn_implementation!r} is not supported by "
+            raise ConfigError(f"model.attn_implementation={c.attn_implementation!r} is not supported by "
                             f"{c.pretrained!r}; use 'eager'") from None
         if c.adapter_path is not None:
             if not (Path(c.adapter_path) / "adapter_config.json").is_file():
-                raise DataError(f"model.adapter_path={c.adapter_path!r}: no adapter_config.json (not a PEFT adapter)")
+                raise ConfigError(f"model.adapter_path={c.adapter_path!r}: no adapter_config.json (not a PEFT adapter)")
             self.model = PeftModel.from_pretrained(base, c.adapter_path, is_trainable=True, autocast_adapter_dtype=True)
         else:
             lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
@@ -155,7 +155,7 @@ class Policy(torch.nn.Module):
             try:
                 self.model = get_peft_model(base, lora, autocast_adapter_dtype=True)  # LoRA weights in float32
             except ValueError as e:
-                raise DataError(f"model.lora_target_modules={list(c.lora_target_modules)}: {e}") from None
+                raise ConfigError(f"model.lora_target_modules={list(c.lora_target_modules)}: {e}") from None
         if c.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
@@ -167,10 +167,10 @@ class Policy(torch.nn.Module):
     def _marker_ids(self, marker: str) -> list[int]:
         ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
         if not ids or self.tokenizer.decode(ids) != marker:
-            raise DataError(f"model.answer_marker={marker!r}: the tokenizer cannot represent it (empty or no round "
+            raise ConfigError(f"model.answer_marker={marker!r}: the tokenizer cannot represent it (empty or no round "
                             "trip through encode/decode)")
         if set(ids) & set(self.tokenizer.all_special_ids):
-            raise DataError(f"model.answer_marker={marker!r}: must be plain text, not a special token")
+            raise ConfigError(f"model.answer_marker={marker!r}: must be plain text, not a special token")
         return ids
 
     @property

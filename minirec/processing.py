@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from minirec.io import DataError, atomic_dir, atomic_write_json, read_json
+from minirec.io import ConfigError, DataError, atomic_dir, atomic_write_json, read_json
 from minirec.sources import (
     amazon_category,
     amazon_paths,
@@ -123,12 +123,12 @@ class ProcessingConfig:
             )
         if self.time_window is not None:
             if len(self.time_window) != 2:
-                raise DataError(f"processing.time_window: expected [start, end], got {list(self.time_window)}")
+                raise ConfigError(f"processing.time_window: expected [start, end], got {list(self.time_window)}")
             start, end = self.time_window
             if _parse_date(start) >= _parse_date(end):
-                raise DataError(f"processing.time_window: start {start} is not before end {end}")
+                raise ConfigError(f"processing.time_window: start {start} is not before end {end}")
         if self.split not in ("chronological", "leave_one_out"):
-            raise DataError(f"processing.split: must be 'chronological' or 'leave_one_out', got {self.split!r}")
+            raise ConfigError(f"processing.split: must be 'chronological' or 'leave_one_out', got {self.split!r}")
         r = self.split_ratios
         if len(r) != 3 or any(not math.isfinite(x) or x < 0 for x in r) or abs(sum(r) - 1) > 1e-6 or r[0] == 0:
             raise DataError(
@@ -136,7 +136,7 @@ class ProcessingConfig:
             )
         for name, low in (("window_size", 1), ("max_title_words", 1), ("k_core", 0), ("min_items", 0)):
             if getattr(self, name) < low:
-                raise DataError(f"processing.{name}: must be ≥ {low}, got {getattr(self, name)}")
+                raise ConfigError(f"processing.{name}: must be ≥ {low}, got {getattr(self, name)}")
 
     def fingerprint(self) -> str:
         """Short sha256 of the fields that shape the data (all but `download`) and the processing version."""
@@ -147,11 +147,11 @@ class ProcessingConfig:
 
 def _parse_date(value: str) -> pd.Timestamp:
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-        raise DataError(f"processing.time_window: {value!r} is not a date (YYYY-MM-DD)")
+        raise ConfigError(f"processing.time_window: {value!r} is not a date (YYYY-MM-DD)")
     try:
         return pd.Timestamp(value, tz="UTC")
     except ValueError:
-        raise DataError(f"processing.time_window: {value!r} is not a date (YYYY-MM-DD)") from None
+        raise ConfigError(f"processing.time_window: {value!r} is not a date (YYYY-MM-DD)") from None
 
 
 # -- strings -----------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass
 from typing import Sequence
 
-from minirec.io import DataError
+from minirec.io import ConfigError
 
 DEFAULT_USER_TEMPLATE = (
     "You are a recommender of {category}. Here are the {item_plural} a user bought, oldest first, each with how long "
@@ -123,9 +123,9 @@ def check_templates(cfg: PromptConfig) -> None:
     ):
         used = {f for _, f, _, _ in string.Formatter().parse(template) if f}
         if not required <= used:
-            raise DataError(f"prompts.{name}: must contain {sorted(required)}; it has {sorted(used)}")
+            raise ConfigError(f"prompts.{name}: must contain {sorted(required)}; it has {sorted(used)}")
         if not used <= allowed:
-            raise DataError(f"prompts.{name}: unknown placeholder(s) {sorted(used - allowed)}; allowed {sorted(allowed)}")
+            raise ConfigError(f"prompts.{name}: unknown placeholder(s) {sorted(used - allowed)}; allowed {sorted(allowed)}")
 
 
 class PromptBuilder:
@@ -138,7 +138,7 @@ class PromptBuilder:
         self.marker_ids: list[int] = tokenizer(cfg.answer_marker, add_special_tokens=False)["input_ids"]
         least = len(self._item_ids(""))
         if least > cfg.max_item_tokens:
-            raise DataError(f"prompts.max_item_tokens={cfg.max_item_tokens}: the item prompt without any fields (chat "
+            raise ConfigError(f"prompts.max_item_tokens={cfg.max_item_tokens}: the item prompt without any fields (chat "
                             f"template, instruction, marker) already takes {least} tokens; set it to at least {least}")
 
     def user_prompt_ids(self, titles: Sequence[str], ratings, timestamps, target_timestamp: int) -> list[int]:

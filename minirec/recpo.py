@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minirec.io import DataError
+from minirec.io import ConfigError
 from minirec.policy import Policy, eval_mode
 from minirec.rewards import mask_history, recpo_reward, score_items, target_rank
 
@@ -32,11 +32,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
-            raise DataError(f"sampling.group_size must be ≥ 1, got {self.group_size}")
+            raise ConfigError(f"sampling.group_size must be ≥ 1, got {self.group_size}")
         if self.max_new_tokens < 1:
-            raise DataError(f"sampling.max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+            raise ConfigError(f"sampling.max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
-            raise DataError(f"sampling.temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"sampling.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)

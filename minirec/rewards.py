@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minirec.io import DataError
+from minirec.io import ConfigError, DataError
 
 
 def score_items(user_emb: torch.Tensor, item_emb: torch.Tensor, tau: float = 0.02) -> torch.Tensor:
@@ -22,7 +22,7 @@ def score_items(user_emb: torch.Tensor, item_emb: torch.Tensor, tau: float = 0.0
     user_emb `[R, H]`, item_emb `[N + 1, H]` (row 0 is the padding item) -> scores `[R, N + 1]`.
     """
     if tau <= 0:
-        raise DataError(f"tau must be > 0, got {tau}")
+        raise ConfigError(f"tau must be > 0, got {tau}")
     u = F.normalize(user_emb.float(), dim=-1)
     e = F.normalize(item_emb.float(), dim=-1)
     return u @ e.T / tau

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minirec.io import DataError
+from minirec.io import ConfigError, DataError
 
 STRATEGIES = (
     "minirec",
@@ -114,7 +114,7 @@ def value_scores(L: torch.Tensor, R: torch.Tensor, alpha: float = 1.0) -> torch.
     L = checked_vector(L, "learnability scores L")
     R = checked_vector(R, "representativeness scores R", L.numel())
     if not alpha >= 0 or not math.isfinite(alpha):
-        raise DataError(f"selection alpha must be a finite number >= 0, got {alpha}")
+        raise ConfigError(f"selection alpha must be a finite number >= 0, got {alpha}")
     return alpha * L + R
 
 
@@ -154,7 +154,7 @@ def _unit_rows(emb: torch.Tensor, dtype: torch.dtype, chunk: int = 65536) -> tor
     """Normalise rows in float32, chunk by chunk into a `dtype` tensor (peak memory ≈ the result plus one float32
     chunk); all-zero rows stay zero: distance 1 to everything."""
     if not dtype.is_floating_point:
-        raise DataError(f"selection dtype must be a floating type, got {dtype}")
+        raise ConfigError(f"selection dtype must be a floating type, got {dtype}")
     out = torch.empty(emb.shape, dtype=dtype, device=emb.device)
     for start in range(0, emb.shape[0], chunk):
         out[start : start + chunk] = F.normalize(emb[start : start + chunk].float(), dim=1).to(dtype)
@@ -234,7 +234,7 @@ def select(
     given = {"L": L, "R": R, "emb": emb}
     missing = [name for name in needs if given[name] is None]
     if missing:
-        raise DataError(f"selection strategy {strategy!r} needs {', '.join(missing)}, which was not given")
+        raise ConfigError(f"selection strategy {strategy!r} needs {', '.join(missing)}, which was not given")
     if strategy == "random":
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
     if strategy in ("learnability", "representativeness"):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from minirec.io import DataError, iter_jsonl, open_text
+from minirec.io import ConfigError, DataError, iter_jsonl, open_text
 from minirec.schema import ITEM_COLUMNS
 
 AMAZON_REPO = "McAuley-Lab/Amazon-Reviews-2023"
@@ -234,7 +234,7 @@ def amazon_paths(
     ):  # fmt: skip
         if given is not None:
             if not Path(given).is_file():
-                raise DataError(f"processing.{field}: file not found: {given}")
+                raise ConfigError(f"processing.{field}: file not found: {given}")
             found[field] = Path(given)
         else:
             found[field] = _find(root, candidates)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from minirec.io import DataError
+from minirec.io import ConfigError
 from minirec.schema import INTERACTION_COLUMNS, ITEM_COLUMNS
 
 GENRES = ("Jazz", "Rock", "Classical", "Country")
@@ -34,9 +34,9 @@ def make_synthetic(
     over genres), ratings 4-5 for favourite-genre items and 1-3 otherwise, timestamps strictly increasing.
     """
     if num_users < 1:
-        raise DataError(f"processing.synthetic_users must be ≥ 1, got {num_users}")
+        raise ConfigError(f"processing.synthetic_users must be ≥ 1, got {num_users}")
     if num_items < 2 * len(GENRES):
-        raise DataError(f"processing.synthetic_items must be ≥ {2 * len(GENRES)} (two per genre), got {num_items}")
+        raise ConfigError(f"processing.synthetic_items must be ≥ {2 * len(GENRES)} (two per genre), got {num_items}")
     rng = np.random.default_rng(seed)
     keys = [f"SYN{i:05d}" for i in range(num_items)]
     by_genre = {g: [i for i in range(num_items) if genre_of(i) == g] for g in GENRES}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import lightning as L
@@ -178,6 +179,22 @@ def test_non_finite_embeddings_in_evaluation_raise(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(module.policy, "encode", lambda ids, mask: torch.full((ids.shape[0], 64), float("nan")))
     with pytest.raises(FloatingPointError, match=r"non-finite item embeddings at global step 0; item ids \[1"):
         trainer(tmp_path, limit_val_batches=1).validate(module, datamodule=make_dm(tmp_path), verbose=False)
+
+
+def test_datamodule_must_render_prompts_for_the_policy(tmp_path: Path) -> None:
+    """Prompts ending with another marker, or tokenized by another model, are refused before anything runs."""
+    from minirec.io import ConfigError
+    from minirec.prompts import PromptConfig
+
+    with pytest.raises(ConfigError, match=r"data.prompts.answer_marker='<rec>' differs from the policy's"):
+        trainer(tmp_path).validate(make_module(), datamodule=make_dm(tmp_path, prompts=PromptConfig(answer_marker="<rec>")),
+                                   verbose=False)
+    dm = make_dm(tmp_path)  # the tiny presets share one tokenizer: give the datamodule's an extra token
+    dm.setup("validate")
+    dm.tokenizer = copy.deepcopy(dm.tokenizer)
+    dm.tokenizer.add_tokens(["Caf"])
+    with pytest.raises(ConfigError, match=r"data.tokenizer='tiny-random-qwen2' tokenizes differently"):
+        trainer(tmp_path).validate(make_module(), datamodule=dm, verbose=False)
 
 
 def test_test_reports_policy_against_baselines(tmp_path: Path) -> None:

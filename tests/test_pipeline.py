@@ -15,7 +15,7 @@ from minirec.policy import PolicyConfig
 from minirec.processing import ProcessingConfig
 from minirec.recpo import SamplingConfig
 from minirec.subsets import SelectionConfig
-from pipeline import DeviceConfig, FitStage, LoaderConfig, ScoreStage, run_pipeline
+from pipeline import DeviceConfig, FitStep, LoaderConfig, ScoreStep, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +29,9 @@ def tiny_run(tmp_path: Path, **over) -> dict:
                             train_batch_size=8, eval_batch_size=16),
         policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0),
         sampling=SamplingConfig(group_size=2, max_new_tokens=3),
-        proxy=FitStage(subset="random:16", max_epochs=1, optim=optim),
-        score=ScoreStage(pool_size=32, num_rollouts=2, selection=SelectionConfig(ks=(16, 24), num_stages=2)),
-        train=FitStage(max_epochs=3, save_every_n_steps=1, optim=optim),
+        proxy=FitStep(subset="random:16", max_epochs=1, optim=optim),
+        score=ScoreStep(pool_size=32, num_rollouts=2, selection=SelectionConfig(ks=(16, 24), num_stages=2)),
+        train=FitStep(max_epochs=3, save_every_n_steps=1, optim=optim),
         eval_max_new_tokens=3,
         device=DeviceConfig(accelerator="cpu"),
     )
