@@ -36,7 +36,7 @@ from minirec.losses import LossConfig, RecPOLoss, dedupe_targets
 from minirec.metrics import RankingMetrics, TestRecords
 from minirec.policy import PolicyConfig, eval_mode
 from minirec.recpo import RewardConfig, SamplingConfig, reseed, rollout_forward, sample_rollouts, score_rollouts
-from minirec.rewards import mask_history, target_rank
+from minirec.rewards import catalog_negatives, mask_history, target_rank
 
 
 @dataclass(frozen=True)
@@ -220,9 +220,7 @@ class GRPOModule(PolicyModule):
         """Detached extra negatives of the rec loss for rows with `history` `[R, L]`: embeddings `[E, H]`, ids `[E]` and
         a per-row mask `[R, E]` (True = history item, not a negative), or Nones when there are none."""
         if self.loss.config.rec_negatives == "catalog":
-            ids = torch.arange(1, self.catalog.shape[0], device=self.device)
-            blocked = mask_history(self.catalog.new_zeros(history.shape[0], self.catalog.shape[0]), history).isinf()
-            return self.catalog[1:], ids, blocked[:, 1:]
+            return catalog_negatives(self.catalog, history)
         extra, extra_ids = self._other_ranks(item_emb, item_ids)
         return extra, extra_ids, None
 

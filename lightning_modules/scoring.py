@@ -21,7 +21,8 @@ from lightning_modules.policy_module import PolicyModule
 from minirec.io import ConfigError, load_checkpoint
 from minirec.losses import LossConfig, RecPOLoss
 from minirec.policy import PolicyConfig
-from minirec.recpo import RewardConfig, SamplingConfig, reseed, rollout_forward, sample_rollouts, score_rollouts
+from minirec.recpo import RewardConfig, SamplingConfig, reseed, sample_rollouts, score_rollouts
+from minirec.rewards import catalog_negatives
 from minirec.representativeness import RademacherProjection, hidden_hvp_vectors, parameter_space_vector
 
 
@@ -114,7 +115,7 @@ class ScoringModule(PolicyModule):
         n = self.sampling.group_size
         reseed(self.run_seed, int(batch["sample_id"][0]))  # a resumed scoring run draws what an unbroken one does
         ro = sample_rollouts(self.policy, batch, self.sampling)
-        _, h_roll = rollout_forward(self.policy, ro, ro.rows)
+        h_roll = self.policy.encode(ro.seq, ro.mask).float()  # embeddings only: no log-probs needed here
         rewards, _ = score_rollouts(h_roll, self.catalog, ro.target, ro.history, self.reward)
         user_emb, user_seq, user_mask = self.user_embeddings(batch)
         if self.hparams.space == "hidden":
@@ -151,7 +152,6 @@ class ScoringModule(PolicyModule):
             useq, umask = (x.clone() for x in users)
             catalog, target, history = self.catalog.clone(), batch["target"].clone(), batch["history"].clone()
             rewards = rewards.clone()
-            items = torch.arange(1, catalog.shape[0], device=catalog.device)
             vectors = []
             for b in range(useq.shape[0]):
                 rows = slice(b * n, (b + 1) * n)
@@ -159,11 +159,11 @@ class ScoringModule(PolicyModule):
                 adv, _, _ = self.loss.weights(rewards[b])
                 token_loss, _ = self.loss.token_loss(lp, lp.detach(), adv, comp_pos[rows])
                 h = self.policy.encode(useq[b : b + 1], umask[b : b + 1])
-                blocked = (items[None, :] == history[b : b + 1, :, None]).any(1)  # [1, N] history items
+                negatives, ids, blocked = catalog_negatives(catalog, history[b : b + 1])
                 rec_loss = self.loss.rec_loss(
                     h, catalog[target[b : b + 1]], torch.zeros(1, dtype=torch.long, device=h.device),
-                    torch.ones(1, device=h.device), extra_negatives=catalog[1:], item_ids=target[b : b + 1],
-                    extra_ids=items, extra_mask=blocked,
+                    torch.ones(1, device=h.device), extra_negatives=negatives, item_ids=target[b : b + 1],
+                    extra_ids=ids, extra_mask=blocked,
                 )
                 vectors.append(parameter_space_vector(token_loss + rec_loss, params, hvp=self.hparams.lora_hvp))
         return self.projection(torch.stack(vectors))  # one pass over P for the batch: generating P dominates

@@ -42,6 +42,15 @@ def mask_history(scores: torch.Tensor, history: torch.Tensor, target: torch.Tens
     return scores.masked_fill(masked, float("-inf"))
 
 
+def catalog_negatives(catalog: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The catalogue as extra negatives of `rec_infonce_loss` for rows with `history` `[R, L]`: embeddings `[N, H]`
+    (catalogue `[N+1, H]` without padding row 0), their item ids `[N]` and the per-row mask `[R, N]` (True = a history
+    item, not a negative of that row)."""
+    ids = torch.arange(1, catalog.shape[0], device=catalog.device)
+    blocked = mask_history(catalog.new_zeros(history.shape[0], catalog.shape[0]), history).isinf()
+    return catalog[1:], ids, blocked[:, 1:]
+
+
 def _target_scores(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The target's score per row: scores `[R, N + 1]`, target `[R]` in 1..N -> `[R]`. Bad ids raise DataError."""
     target = target.long().to(scores.device)
