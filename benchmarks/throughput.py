@@ -1,10 +1,17 @@
-"""Throughput benchmark: rollout tokens/s, and MiniRec scoring vs a RecPO training step on the same samples.
+"""Throughput benchmark against the machine's bound: rollouts, prefill, a RecPO step and its breakdown, scoring.
 
-On MovieLens-100K prompts (k-core 50), for each model:
-- rollout tokens/s of `Policy.generate` (sampling, G completions per prompt) for several prompt batch sizes B;
-- samples/s of the ScoringModule's `predict_step` (N rollouts, greedy pass, representativeness in the `hidden` and
-  `lora` spaces) and of the GRPOModule's `training_step` (G rollouts, rewards, backward, optimizer step), both run by a
-  Lightning Trainer over the same pool samples, B per batch; the first batch of each is a warm-up and not counted.
+On MovieLens-100K prompts (k-core 50), for each model and base-weight dtype (float32, and bfloat16 where the CPU has
+fast bf16):
+- the machine's bound, measured here: peak matmul GFLOP/s per dtype and memory bandwidth (GB/s, a large copy);
+- rollout tokens/s of `Policy.generate` (sampling, G completions per prompt) for prompt batches B up to B x G = 64,
+  against the decode roofline: each decode step reads every weight once and does 2 FLOPs per weight per sequence, so
+  tokens/s <= min(B x G x bandwidth / weight bytes, peak FLOP/s / (2 x params));
+- prefill tokens/s (one forward over B prompts) against the FLOP bound peak / (2 x params);
+- samples/s of a GRPOModule `training_step` (G rollouts, rewards, backward, optimizer step) with its time breakdown
+  (generation; old log-prob / embedding forward and rewards; loss forward, backward and optimizer; catalogue-row
+  refresh), and of the ScoringModule's `predict_step` (N rollouts, greedy pass, representativeness in the `hidden`
+  and `lora` spaces) on the same samples, in the default (`auto`) dtype; each run by a Lightning Trainer, B per
+  batch, the first batch a warm-up and not counted.
 
     python benchmarks/throughput.py [--quick] [--out benchmarks/results/throughput]
 
@@ -33,13 +40,15 @@ from datamodules import RecDataModule
 from lightning_modules import GRPOModule, ScoringModule
 from lightning_modules.grpo import OptimConfig
 from minirec.io import atomic_write_json, atomic_write_text
-from minirec.policy import Policy, PolicyConfig
+from minirec.policy import Policy, PolicyConfig, auto_dtype
 from minirec.processing import ProcessingConfig
 from minirec.prompts import PromptConfig
 from minirec.recpo import SamplingConfig
 
-COLUMNS = ("model", "measure", "batch", "group", "max_new_tokens", "runs", "seconds", "tokens", "tokens_per_s",
-           "samples_per_s")  # fmt: skip
+COLUMNS = ("model", "dtype", "measure", "batch", "group", "max_new_tokens", "runs", "seconds", "tokens",
+           "tokens_per_s", "samples_per_s", "bound_tokens_per_s", "share_of_bound", "time_generate_s",
+           "time_score_s", "time_update_s", "time_refresh_s")  # fmt: skip
+BREAKDOWN = ("time_generate_s", "time_score_s", "time_update_s", "time_refresh_s")  # logged by GRPOModule
 PROCESSING = ProcessingConfig(dataset="movielens-100k", time_window=None, require_price=False, k_core=50)
 PROMPTS = PromptConfig(category="movies", item="movie", item_plural="movies", prompt_window=5, max_item_tokens=96)
 
@@ -49,33 +58,72 @@ class Plan:
     """What to measure. models: (preset, prompts per step B); each step has `steps` batches (one warm-up)."""
 
     models: tuple[tuple[str, int], ...]
+    dtypes: tuple[str, ...]
     rollout_batches: tuple[int, ...]
     group: int
     max_new_tokens: int
     steps: int
     repeats: int
+    matmul_size: int
+    copy_mib: int
 
 
 def make_plan(quick: bool) -> Plan:
     if quick:
-        return Plan(models=(("tiny-random-qwen2", 2),), rollout_batches=(1, 2), group=2, max_new_tokens=4, steps=2,
-                    repeats=1)
-    return Plan(models=(("tiny-random-qwen2", 8), ("smollm2-135m-instruct", 4)), rollout_batches=(1, 2, 4, 8),
-                group=4, max_new_tokens=32, steps=3, repeats=2)
+        return Plan(models=(("tiny-random-qwen2", 2),), dtypes=("float32",), rollout_batches=(1, 2), group=2,
+                    max_new_tokens=4, steps=2, repeats=1, matmul_size=256, copy_mib=16)
+    dtypes = ("float32", "bfloat16") if auto_dtype() == "bfloat16" else ("float32",)
+    return Plan(models=(("tiny-random-qwen2", 8), ("smollm2-135m-instruct", 4)), dtypes=dtypes,
+                rollout_batches=(1, 4, 16), group=4, max_new_tokens=32, steps=3, repeats=2, matmul_size=2048,
+                copy_mib=512)
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def hardware_bounds(plan: Plan) -> dict[str, float]:
+    """Peak matmul GFLOP/s per dtype (`gflops_<dtype>`, square n x n matmul) and copy bandwidth (`bandwidth_gbs`,
+    bytes read + written), best of 5."""
+    n = plan.matmul_size
+    bounds = {}
+    for dtype in plan.dtypes:
+        a, b = torch.randn(n, n).to(getattr(torch, dtype)), torch.randn(n, n).to(getattr(torch, dtype))
+        bounds[f"gflops_{dtype}"] = 2 * n**3 / _best_seconds(lambda: a @ b, 5) / 1e9
+    x = torch.ones(plan.copy_mib * 2**20 // 4)
+    y = torch.empty_like(x)
+    bounds["bandwidth_gbs"] = 2 * x.numel() * 4 / _best_seconds(lambda: y.copy_(x), 5) / 1e9
+    return bounds
+
+
+def _weights(policy: Policy) -> tuple[int, int]:
+    """(parameter count, bytes) of the policy's weights (base and LoRA)."""
+    params = list(policy.model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
 class StepTimer(L.Callback):
-    """Wall seconds of every training / predict batch (hooks around the step)."""
+    """Wall seconds of every training / predict batch (hooks around the step), and the GRPOModule's logged time
+    breakdown of every training step."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        self.breakdown: list[dict[str, float]] = []
         self.start = 0.0
 
     def _begin(self, *args: Any) -> None:
         self.start = time.perf_counter()
 
-    def _end(self, *args: Any) -> None:
+    def _end(self, trainer: L.Trainer, *args: Any) -> None:
         self.seconds.append(time.perf_counter() - self.start)
+        logged = trainer.callback_metrics
+        self.breakdown.append({k: float(logged[f"train/{k}"]) for k in BREAKDOWN if f"train/{k}" in logged})
 
     on_train_batch_start = on_predict_batch_start = _begin
     on_train_batch_end = on_predict_batch_end = _end
@@ -90,15 +138,19 @@ def _datamodule(model: str, cache: str, batch: int, pool: int, subset: str = "al
     return dm
 
 
-def _policy_config(model: str) -> PolicyConfig:
-    return PolicyConfig(pretrained=model, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+def _policy_config(model: str, dtype: str = "auto") -> PolicyConfig:
+    return PolicyConfig(pretrained=model, lora_r=8, lora_alpha=16, lora_dropout=0.0, dtype=dtype)
 
 
-def measure_rollouts(model: str, plan: Plan, cache: str) -> list[dict[str, Any]]:
-    """Generated tokens per second of sampled rollouts for each prompt batch size (median over repeats)."""
-    policy = Policy(_policy_config(model))
+def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dict[str, float]) -> list[dict[str, Any]]:
+    """Generated tokens/s of sampled rollouts for each prompt batch size (median over repeats), and prefill tokens/s of
+    the largest batch, each against its bound."""
+    policy = Policy(_policy_config(model, dtype))
+    params, weight_bytes = _weights(policy)
+    flop_bound = bounds[f"gflops_{dtype}"] * 1e9 / (2 * params)  # tokens/s
     batch = next(iter(_datamodule(model, cache, max(plan.rollout_batches), max(plan.rollout_batches))
                       .predict_dataloader()))
+    common = {"model": model, "dtype": dtype, "group": plan.group, "max_new_tokens": plan.max_new_tokens}
     rows = []
     with torch.no_grad():
         policy.generate(batch["prompt_ids"][:1], batch["prompt_mask"][:1], num_samples=1, max_new_tokens=2)  # warm-up
@@ -111,52 +163,67 @@ def measure_rollouts(model: str, plan: Plan, cache: str) -> list[dict[str, Any]]
                                           max_new_tokens=plan.max_new_tokens)
                 runs.append((time.perf_counter() - start, int(mask.sum())))
             seconds, tokens = statistics.median(s for s, _ in runs), statistics.median(t for _, t in runs)
-            rows.append({"model": model, "measure": "rollout", "batch": b, "group": plan.group,
-                         "max_new_tokens": plan.max_new_tokens, "runs": len(runs), "seconds": seconds,
-                         "tokens": tokens, "tokens_per_s": tokens / seconds, "samples_per_s": b / seconds})
+            bound = min(b * plan.group * bounds["bandwidth_gbs"] * 1e9 / weight_bytes, flop_bound)
+            rows.append({**common, "measure": "rollout", "batch": b, "runs": len(runs), "seconds": seconds,
+                         "tokens": tokens, "tokens_per_s": tokens / seconds, "samples_per_s": b / seconds,
+                         "bound_tokens_per_s": bound, "share_of_bound": tokens / seconds / bound})
+        ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+        seconds = _best_seconds(lambda: policy.model(input_ids=ids, attention_mask=mask), plan.repeats)
+        tokens = int(mask.sum())
+        rows.append({**common, "group": float("nan"), "measure": "prefill", "batch": ids.shape[0], "runs": plan.repeats, "seconds": seconds,
+                     "tokens": tokens, "tokens_per_s": tokens / seconds, "samples_per_s": ids.shape[0] / seconds,
+                     "bound_tokens_per_s": flop_bound, "share_of_bound": tokens / seconds / flop_bound})
     return rows
 
 
-def _timed(trainer_kw: dict[str, Any], run) -> list[float]:
+def _timed(trainer_kw: dict[str, Any], run) -> StepTimer:
+    """A Trainer with a StepTimer runs `run(trainer)`; the timer's first batch (a warm-up) is dropped."""
     timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
                         callbacks=[timer], **trainer_kw)
     run(trainer)
-    return timer.seconds[1:]  # the first batch is a warm-up
+    timer.seconds, timer.breakdown = timer.seconds[1:], timer.breakdown[1:]
+    return timer
 
 
 def measure_steps(model: str, batch: int, plan: Plan, cache: str, work: Path) -> list[dict[str, Any]]:
-    """Samples/s of scoring (hidden and lora spaces) and of a training step over the same `batch`·`steps` samples."""
+    """Samples/s of a training step in each dtype (with its time breakdown), and of scoring (hidden and lora spaces)
+    in the default dtype, over the same `batch`·`steps` samples."""
     pool = batch * plan.steps
-    policy = _policy_config(model)
     sampling = SamplingConfig(group_size=plan.group, max_new_tokens=plan.max_new_tokens)
     ids = _datamodule(model, cache, batch, pool).predict_pool_ids()
     selection = work / f"{model}_pool.json"
     atomic_write_json(selection, {"fingerprint": PROCESSING.fingerprint(), "ids": ids, "stages": [0] * len(ids),
                                   "curriculum": "none"})
-    common = {"model": model, "batch": batch, "group": plan.group, "max_new_tokens": plan.max_new_tokens,
-              "tokens": float("nan"), "tokens_per_s": float("nan")}
+    common = {"model": model, "batch": batch, "group": plan.group, "max_new_tokens": plan.max_new_tokens}
     rows = []
+    for dtype in plan.dtypes:
+        module = GRPOModule(_policy_config(model, dtype), sampling,
+                            optim=OptimConfig(lr=1e-4, micro_batch_size=batch * plan.group),
+                            eval_max_new_tokens=plan.max_new_tokens)
+        dm = _datamodule(model, cache, batch, pool, subset=str(selection))
+        timer = _timed({"max_steps": plan.steps, "limit_val_batches": 0, "default_root_dir": str(work)},
+                       lambda t: t.fit(module, datamodule=dm))
+        seconds = statistics.mean(timer.seconds)
+        rows.append({**common, "dtype": dtype, "measure": "training step", "runs": len(timer.seconds),
+                     "seconds": seconds, "samples_per_s": batch / seconds,
+                     **{k: statistics.mean(b[k] for b in timer.breakdown) for k in BREAKDOWN}})
+    dtype = auto_dtype()
     for space in ("hidden", "lora"):
-        module = ScoringModule(policy=policy, sampling=sampling, num_rollouts=plan.group, space=space,
+        module = ScoringModule(policy=_policy_config(model), sampling=sampling, num_rollouts=plan.group, space=space,
                                projection_dim=1024, eval_max_new_tokens=plan.max_new_tokens)
         dm = _datamodule(model, cache, batch, pool)
-        seconds = _timed({}, lambda t: t.predict(module, datamodule=dm, return_predictions=False))
-        rows.append({**common, "measure": f"scoring ({space})", "runs": len(seconds),
-                     "seconds": statistics.mean(seconds), "samples_per_s": batch / statistics.mean(seconds)})
-    module = GRPOModule(policy, sampling, optim=OptimConfig(lr=1e-4, micro_batch_size=batch * plan.group),
-                        eval_max_new_tokens=plan.max_new_tokens)
-    dm = _datamodule(model, cache, batch, pool, subset=str(selection))
-    seconds = _timed({"max_steps": plan.steps, "limit_val_batches": 0, "default_root_dir": str(work)},
-                     lambda t: t.fit(module, datamodule=dm))
-    rows.append({**common, "measure": "training step", "runs": len(seconds), "seconds": statistics.mean(seconds),
-                 "samples_per_s": batch / statistics.mean(seconds)})
+        seconds = statistics.mean(_timed({}, lambda t: t.predict(module, datamodule=dm, return_predictions=False))
+                                  .seconds)
+        rows.append({**common, "dtype": dtype, "measure": f"scoring ({space})", "runs": plan.steps - 1,
+                     "seconds": seconds, "samples_per_s": batch / seconds})
     return rows
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
-    """rollout_tokens_per_s.png (tokens/s vs B per model) and scoring_vs_training.png (samples/s per measure)."""
+    """rollout_tokens_per_s.png (tokens/s vs B x G per model and dtype, with the decode bound dashed) and
+    scoring_vs_training.png (seconds per batch per measure, training steps split into their breakdown)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,48 +231,71 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, model in enumerate(models):
-        line = [r for r in rows if r["model"] == model and r["measure"] == "rollout"]
-        ax.plot([r["batch"] for r in line], [r["tokens_per_s"] for r in line], "o-", color=f"C{i}", label=model)
-    ax.set(xscale="log", yscale="log", xlabel="prompts per generate call B (x G completions)",
-           ylabel="generated tokens / s", title="Rollout throughput (CPU)")
+    lines = list(dict.fromkeys((r["model"], r["dtype"]) for r in rows if r["measure"] == "rollout"))
+    for i, (model, dtype) in enumerate(lines):
+        line = [r for r in rows if (r["model"], r["dtype"], r["measure"]) == (model, dtype, "rollout")]
+        x = [r["batch"] * r["group"] for r in line]
+        ax.plot(x, [r["tokens_per_s"] for r in line], "o-", color=f"C{i}", label=f"{model} {dtype}")
+        ax.plot(x, [r["bound_tokens_per_s"] for r in line], "--", color=f"C{i}", alpha=0.6)
+    ax.set(xscale="log", yscale="log", xlabel="sequences per generate call (B x G)", ylabel="generated tokens / s",
+           title="Rollout throughput (CPU); dashed: decode bound")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, out / "rollout_tokens_per_s.png")
     plt.close(fig)
 
-    measures = ["scoring (hidden)", "scoring (lora)", "training step"]
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
-        values = [next(r["samples_per_s"] for r in rows if r["model"] == model and r["measure"] == m) for m in measures]
-        ax.bar(range(len(measures)), values, color=["C0", "C1", "C3"])
-        ax.set_xticks(range(len(measures)), measures, rotation=15)
-        ax.set(ylabel="samples / s", title=model)
+        steps = [r for r in rows if r["model"] == model and r["measure"] not in ("rollout", "prefill")]
+        labels = [f"{r['measure']}\n{r['dtype']}" for r in steps]
+        for j, r in enumerate(steps):
+            if r["measure"] != "training step":
+                ax.bar(j, r["seconds"], color="C7")
+                continue
+            bottom = 0.0
+            for k, key in enumerate(BREAKDOWN):
+                ax.bar(j, r[key], bottom=bottom, color=f"C{k}", label=key[5:-2] if j == 0 else None)
+                bottom += r[key]
+            ax.bar(j, r["seconds"] - bottom, bottom=bottom, color="C9", label="other" if j == 0 else None)
+        ax.set_xticks(range(len(steps)), labels, fontsize=7)
+        ax.set(ylabel="seconds per batch", title=model)
         ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / "scoring_vs_training.png")
     plt.close(fig)
 
 
-def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dict[str, Any]) -> None:
-    steps = [r for r in rows if r["measure"] != "rollout"]
-    train = {r["model"]: r["samples_per_s"] for r in steps if r["measure"] == "training step"}
-    steps = [{**r, "vs_training": r["samples_per_s"] / train[r["model"]]} for r in steps]
+def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dict[str, Any],
+                   bounds: dict[str, float]) -> None:
+    steps = [r for r in rows if r["measure"] not in ("rollout", "prefill")]
+    base = {r["model"]: r["samples_per_s"] for r in steps if (r["measure"], r["dtype"]) == ("training step", "float32")}
+    steps = [{**r, "vs_training": r["samples_per_s"] / base[r["model"]]} for r in steps]
+    bound_line = ", ".join([f"peak matmul {bounds[f'gflops_{d}']:.0f} GFLOP/s in {d}" for d in plan.dtypes]
+                           + [f"copy bandwidth {bounds['bandwidth_gbs']:.1f} GB/s"])
     text = [
         *run_header("Throughput benchmark", info),
         f"MovieLens-100K prompts (k-core 50, 5 history lines); G = N = {plan.group} completions per prompt, at most "
-        f"{plan.max_new_tokens} new tokens (sampling, temperature 1.5, top-k 200); LoRA r 8 on all projections; "
-        "float32.", "",
-        "## Rollout tokens/s (`Policy.generate`)", "",
-        markdown_table([r for r in rows if r["measure"] == "rollout"], {
-            "model": "model", "batch": "prompts B", "group": "G", "tokens": "tokens generated",
-            "seconds": "seconds (median)", "tokens_per_s": "tokens/s"}), "",
-        "## Scoring vs a training step on the same samples", "",
-        f"Mean over {plan.steps - 1} batch(es) after one warm-up batch, run by a Lightning Trainer.", "",
-        markdown_table(steps, {"model": "model", "measure": "measure", "batch": "samples per batch",
+        f"{plan.max_new_tokens} new tokens (sampling, temperature 1.5, top-k 200); LoRA r 8 on all projections "
+        "(float32); `dtype` is the frozen base weights' dtype.", "",
+        f"Measured bound of this machine: {bound_line}.", "",
+        "## Rollouts and prefill against the bound", "",
+        "Decode bound: each step reads every weight once (bandwidth) and does 2 FLOPs per weight per sequence; "
+        "prefill bound: peak FLOP/s / (2 x params).", "",
+        markdown_table([r for r in rows if r["measure"] in ("rollout", "prefill")], {
+            "model": "model", "dtype": "dtype", "measure": "measure", "batch": "prompts B", "group": "G",
+            "tokens": "tokens", "seconds": "seconds (median / best)", "tokens_per_s": "tokens/s",
+            "bound_tokens_per_s": "bound tokens/s", "share_of_bound": "share of bound"}), "",
+        "## A RecPO training step (with its time breakdown) and scoring, on the same samples", "",
+        f"Mean over {plan.steps - 1} batch(es) after one warm-up batch, run by a Lightning Trainer. Breakdown: "
+        "generate = sampling the rollouts; score = old log-probs, user embeddings and rewards; update = loss forward, "
+        "backward and optimizer; refresh = re-encoding the batch's catalogue rows.", "",
+        markdown_table(steps, {"model": "model", "dtype": "dtype", "measure": "measure", "batch": "samples per batch",
                                "seconds": "s per batch", "samples_per_s": "samples/s",
-                               "vs_training": "speed vs training step"}), "",
+                               "vs_training": "vs float32 training step", "time_generate_s": "generate s",
+                               "time_score_s": "score s", "time_update_s": "update s",
+                               "time_refresh_s": "refresh s"}), "",
         "![rollout tokens/s](rollout_tokens_per_s.png)", "", "![scoring vs training](scoring_vs_training.png)", "",
     ]
     atomic_write_text(path, "\n".join(text))
@@ -221,16 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    bounds = hardware_bounds(plan)
     rows = []
     with tempfile.TemporaryDirectory(prefix="throughput-") as work:
         for model, batch in plan.models:
-            rows += measure_rollouts(model, plan, args.cache_dir)
+            for dtype in plan.dtypes:
+                rows += measure_rollouts(model, dtype, plan, args.cache_dir, bounds)
             rows += measure_steps(model, batch, plan, args.cache_dir, Path(work))
+    rows = [{key: r.get(key, float("nan")) for key in COLUMNS} for r in rows]
     info = {"command": shlex.join(["python", "benchmarks/throughput.py", *argv]),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - start,
             "machine": machine(torch.get_num_threads())}
     write_csv(args.out / "throughput.csv", rows, COLUMNS)
-    write_markdown(args.out / "throughput.md", rows, plan, info)
+    write_markdown(args.out / "throughput.md", rows, plan, info, bounds)
     plot(rows, args.out)
     print((args.out / "throughput.md").read_text())
     return 0

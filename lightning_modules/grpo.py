@@ -36,7 +36,7 @@ from minirec.losses import LossConfig, RecPOLoss, dedupe_targets
 from minirec.metrics import RankingMetrics, TestRecords
 from minirec.policy import PolicyConfig, eval_mode
 from minirec.recpo import RewardConfig, SamplingConfig, reseed, rollout_forward, sample_rollouts, score_rollouts
-from minirec.rewards import catalog_negatives, mask_history, target_rank
+from minirec.rewards import item_negatives, mask_history, target_rank
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,14 @@ class GRPOModule(PolicyModule):
 
         t2 = time.perf_counter()
         uniq, t_index = dedupe_targets(ro.target)
+        sampled = self._sampled_negatives()
         n_tokens = ro.completion.sum().clamp(min=1)
         for _ in range(self.optim.ppo_epochs):
             totals: dict[str, torch.Tensor] = {}
             for start in range(0, ro.rows, mb):
                 sl = slice(start, start + mb)
                 item_emb = self._item_embeddings(uniq)
-                extra, extra_ids, extra_mask = self._extra_negatives(item_emb.detach(), uniq, ro.history[sl])
+                extra, extra_ids, extra_mask = self._extra_negatives(item_emb.detach(), uniq, ro.history[sl], sampled)
                 lp, h_mb = self.policy.forward_sequences(ro.seq[sl], ro.mask[sl], ro.completion[sl])
                 old = lp.detach() if self.optim.ppo_epochs == 1 else old_lp[sl]
                 loss, stats = self.loss(
@@ -214,13 +215,27 @@ class GRPOModule(PolicyModule):
         )
         self.log("reward", rewards.mean(), prog_bar=True, on_step=True, batch_size=batch["target"].shape[0])
 
+    def _sampled_negatives(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`rec_negatives: sampled`: this step's random catalogue items, ids `[K]`, and their embeddings `[K, H]` by the
+        current model (eval mode, no gradient); None in the other modes. Negatives from the cached catalogue instead
+        would mix model versions: the fresh target against stale negatives lets the loss fall by a shift common to all
+        freshly encoded items, which ranks nothing better once the catalogue is re-encoded."""
+        if self.loss.config.rec_negatives != "sampled":
+            return None
+        n = self.catalog.shape[0] - 1
+        ids = torch.randperm(n, device=self.device)[: self.loss.config.sampled_negatives] + 1
+        with torch.no_grad(), eval_mode(self.policy):
+            return ids, self._item_embeddings(ids).float()
+
     def _extra_negatives(
-        self, item_emb: torch.Tensor, item_ids: torch.Tensor, history: torch.Tensor
+        self, item_emb: torch.Tensor, item_ids: torch.Tensor, history: torch.Tensor,
+        sampled: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Detached extra negatives of the rec loss for rows with `history` `[R, L]`: embeddings `[E, H]`, ids `[E]` and
         a per-row mask `[R, E]` (True = history item, not a negative), or Nones when there are none."""
-        if self.loss.config.rec_negatives == "catalog":
-            return catalog_negatives(self.catalog, history)
+        if sampled is not None:
+            ids, emb = sampled
+            return item_negatives(emb, ids, history)
         extra, extra_ids = self._other_ranks(item_emb, item_ids)
         return extra, extra_ids, None
 

@@ -18,7 +18,7 @@ from minirec.io import ConfigError, DataError
 ADVANTAGE_MODES = ("gaussian", "leave_one_out")
 AGG_MODES = ("token_mean", "seq_mean", "dr_grpo")
 LOSS_IMPLS = ("intended", "reference")
-REC_NEGATIVES = ("in_batch", "catalog")
+REC_NEGATIVES = ("in_batch", "sampled")
 
 
 def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -199,8 +199,10 @@ class LossConfig:
         kl_beta: weight of the KL to the frozen base model (0 = none, no reference forward).
         rec_loss_weight: weight of the recommendation loss in the total loss.
         rec_negatives: negatives of the recommendation loss: `in_batch` (the method's: the other in-batch targets, and
-            other devices' targets) or `catalog` (also every other item of the cached, detached catalogue, history
-            masked; for small batches, where in-batch negatives are too few to rank the catalogue).
+            other devices' targets) or `sampled` (the in-batch targets and `sampled_negatives` catalogue items drawn at
+            random each step and encoded then by the current model, detached, the row's history masked; for small
+            batches, where in-batch negatives are too few to rank the catalogue).
+        sampled_negatives: items drawn per step for `rec_negatives: sampled`.
         loss_impl: `intended` (per-row advantages) or `reference` (the published code's broadcast; for parity only).
     """
 
@@ -212,6 +214,7 @@ class LossConfig:
     kl_beta: float = 0.0
     rec_loss_weight: float = 1.0
     rec_negatives: str = "in_batch"
+    sampled_negatives: int = 64
     loss_impl: str = "intended"
 
     def __post_init__(self) -> None:
@@ -220,6 +223,8 @@ class LossConfig:
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.loss.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.sampled_negatives < 1:
+            raise ConfigError(f"model.loss.sampled_negatives must be ≥ 1, got {self.sampled_negatives}")
         if self.relabel_topk < 0:
             raise ConfigError(f"model.loss.relabel_topk must be ≥ 0, got {self.relabel_topk}")
 

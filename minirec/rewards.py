@@ -42,13 +42,21 @@ def mask_history(scores: torch.Tensor, history: torch.Tensor, target: torch.Tens
     return scores.masked_fill(masked, float("-inf"))
 
 
+def item_negatives(
+    item_emb: torch.Tensor, item_ids: torch.Tensor, history: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Items as extra negatives of `rec_infonce_loss` for rows with `history` `[R, L]`: returns their embeddings
+    `[E, H]`, ids `[E]` and the per-row mask `[R, E]` (True = a history item of that row, not a negative)."""
+    width = int(max(item_ids.max(), history.max())) + 1
+    blocked = torch.zeros(history.shape[0], width, dtype=torch.bool, device=history.device)
+    blocked.scatter_(1, history.long(), True)
+    blocked[:, 0] = False  # history padding
+    return item_emb, item_ids, blocked[:, item_ids.to(history.device)]
+
+
 def catalog_negatives(catalog: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The catalogue as extra negatives of `rec_infonce_loss` for rows with `history` `[R, L]`: embeddings `[N, H]`
-    (catalogue `[N+1, H]` without padding row 0), their item ids `[N]` and the per-row mask `[R, N]` (True = a history
-    item, not a negative of that row)."""
-    ids = torch.arange(1, catalog.shape[0], device=catalog.device)
-    blocked = mask_history(catalog.new_zeros(history.shape[0], catalog.shape[0]), history).isinf()
-    return catalog[1:], ids, blocked[:, 1:]
+    """The catalogue `[N+1, H]` (row 0 = padding, dropped) as extra negatives: `item_negatives` of items 1..N."""
+    return item_negatives(catalog[1:], torch.arange(1, catalog.shape[0], device=catalog.device), history)
 
 
 def _target_scores(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -27,12 +27,22 @@ def test_quick_run(bench, tmp_path: Path) -> None:
     for r in rollouts:  # at most B x G completions of max_new_tokens (+ the marker) tokens
         assert 0 < float(r["tokens"]) <= int(r["batch"]) * plan.group * (plan.max_new_tokens + 8)
         assert float(r["tokens_per_s"]) == pytest.approx(float(r["tokens"]) / float(r["seconds"]), rel=1e-6)
-    steps = {r["measure"]: r for r in rows if r["measure"] != "rollout"}
+    for r in rows:
+        if r["measure"] in ("rollout", "prefill"):  # measured against a positive bound
+            assert float(r["bound_tokens_per_s"]) > 0
+            assert float(r["share_of_bound"]) == pytest.approx(float(r["tokens_per_s"]) / float(r["bound_tokens_per_s"]),
+                                                               rel=1e-6)
+    bounds = [float(r["bound_tokens_per_s"]) for r in rollouts]
+    assert bounds == sorted(bounds)  # more sequences per decode step: a higher (or the FLOP-capped) bound
+    steps = {r["measure"]: r for r in rows if r["measure"] not in ("rollout", "prefill")}
     assert set(steps) == {"scoring (hidden)", "scoring (lora)", "training step"}
     for r in steps.values():
         assert int(r["runs"]) == plan.steps - 1  # the warm-up batch is not counted
         assert float(r["samples_per_s"]) == pytest.approx(int(r["batch"]) / float(r["seconds"]), rel=1e-6)
+    parts = [float(steps["training step"][k]) for k in bench.BREAKDOWN]
+    assert all(p >= 0 for p in parts) and 0 < sum(parts) <= float(steps["training step"]["seconds"])
     md = (out / "throughput.md").read_text()
-    assert "## Rollout tokens/s" in md and "speed vs training step" in md and "throughput.py --quick" in md
+    assert "Measured bound of this machine: peak matmul" in md and "share of bound" in md
+    assert "vs float32 training step" in md and "throughput.py --quick" in md
     for png in ("rollout_tokens_per_s.png", "scoring_vs_training.png"):
         assert (out / png).stat().st_size > 10_000

@@ -161,6 +161,34 @@ def test_catalog_is_encoded_in_eval_mode_during_fit(tmp_path: Path) -> None:
     assert torch.allclose(probe.cached[rows], probe.first[rows], atol=1e-5)  # the per-step refresh is eval mode too
 
 
+def test_sampled_negatives_are_encoded_by_the_current_model(tmp_path: Path) -> None:
+    """`rec_negatives: sampled` ranks the target against items encoded by the model being trained, not against the
+    cached catalogue (regression: stale cached negatives against fresh targets let the rec loss fall by a shift common
+    to every freshly encoded item, which ranks nothing better once the catalogue is re-encoded)."""
+    L.seed_everything(0)
+    module = GRPOModule(
+        policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0),
+        sampling=SamplingConfig(group_size=2, max_new_tokens=4), loss=LossConfig(rec_negatives="sampled",
+                                                                                 sampled_negatives=8),
+        optim=OptimConfig(lr=3e-2, micro_batch_size=8), eval_max_new_tokens=4,
+    )
+    drawn = []
+    sample = module._sampled_negatives
+
+    def record():
+        ids, emb = sample()
+        drawn.append((ids, emb, module.encode_catalog()[ids], module.catalog[ids].clone()))
+        return ids, emb
+
+    module._sampled_negatives = record
+    trainer(tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False).fit(module, datamodule=make_dm(tmp_path))
+    assert len(drawn) == 4 and all(ids.unique().numel() == 8 for ids, *_ in drawn)
+    for ids, emb, fresh, cached in drawn:
+        torch.testing.assert_close(emb, fresh, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(drawn[-1][3], drawn[-1][2], atol=1e-3)  # the cache has gone stale by then
+    assert len({tuple(ids.tolist()) for ids, *_ in drawn}) == 4  # redrawn every step
+
+
 def test_non_finite_embeddings_in_evaluation_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """NaN user embeddings in validation raise with step and sample ids (regression: rank 0 gave NDCG = inf, HR = 1);
     NaN item embeddings raise when the catalogue is encoded."""

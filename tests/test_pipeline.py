@@ -89,10 +89,31 @@ def test_every_shipped_yaml_parses(path: str) -> None:
         cfg = pipeline_parser().parse_args(["--config", str(ROOT / path)])
         assert cfg.policy.pretrained
         return
+    block = Path(path).stem
+    if len(Path(path).parts) == 4 or path.startswith("configs/recpo/"):  # a block: configs/{data,model}/<preset>/x.yaml
+        cfg = pipeline_parser().parse_args([f"--{block}", str(ROOT / path)])
+        assert vars(cfg[block]) != vars(pipeline_parser().get_defaults()[block])
+        return
     flag = {"model": "--model", "data": "--data"}.get(Path(path).parent.name, "--config")
     cfg = trainer_parser().parse_args([flag, str(ROOT / path)])
     if flag == "--config" and "strategy" not in path:
         assert cfg.model.class_path == "lightning_modules.GRPOModule" and cfg.data.class_path.endswith("RecDataModule")
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-3b", "gemma2-2b"])
+@pytest.mark.parametrize("data", ["cds", "instruments"])
+def test_paper_pipelines_use_the_fit_presets(model: str, data: str) -> None:
+    """The paper pipeline configs and the `minirec fit` presets read the same data / model / RecPO blocks."""
+    from cli import pipeline_parser, trainer_parser
+
+    pipe = pipeline_parser().parse_args(["--config", str(ROOT / f"configs/paper/{model}-{data}.yaml")])
+    fit = trainer_parser().parse_args(["--model", str(ROOT / f"configs/model/{model}.yaml"),
+                                       "--data", str(ROOT / f"configs/data/amazon-{data}.yaml")])
+    strip = lambda ns: {k: v for k, v in vars(ns).items() if k != "__path__"}  # noqa: E731
+    for block in ("policy", "sampling", "reward", "loss"):
+        assert strip(pipe[block]) == strip(fit.model.init_args[block]), block
+    for block in ("processing", "prompts"):
+        assert strip(pipe[block]) == strip(fit.data.init_args[block]), block
 
 
 def test_cli_pipeline_passes_typed_config(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from minirec.io import DataError
-from minirec.rewards import mask_history, ndcg_at_rank, recpo_reward, score_items, target_rank
+from minirec.rewards import (
+    catalog_negatives, item_negatives, mask_history, ndcg_at_rank, recpo_reward, score_items, target_rank,
+)
 
 # Catalogue (H = 2): row 0 = padding (zero vector), items 1..5.
 ITEMS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [3.0, 4.0], [4.0, 3.0]])
@@ -43,6 +45,16 @@ def test_mask_history_masks_padding_and_history_but_never_the_target():
     # without a target every history item is masked; the input is left untouched.
     no_target = mask_history(s, history)
     assert no_target[0, 5] == NEG and s[0, 5] == pytest.approx(1.6)
+
+
+def test_item_negatives_mask_each_rows_history():
+    history = torch.tensor([[5, 4, 0], [2, 0, 0]])
+    emb, ids, blocked = item_negatives(ITEMS[[4, 1, 5]], torch.tensor([4, 1, 5]), history)
+    assert torch.equal(emb, ITEMS[[4, 1, 5]]) and ids.tolist() == [4, 1, 5]
+    assert blocked.tolist() == [[True, False, True], [False, False, False]]
+    emb, ids, blocked = catalog_negatives(ITEMS, history)  # items 1..5, padding row dropped
+    assert torch.equal(emb, ITEMS[1:]) and ids.tolist() == [1, 2, 3, 4, 5]
+    assert blocked.tolist() == [[False, False, False, True, True], [False, True, False, False, False]]
 
 
 def test_target_rank_pessimistic_ties_and_ndcg():
