@@ -48,9 +48,7 @@ def item_negatives(
     """Items as extra negatives of `rec_infonce_loss` for rows with `history` `[R, L]`: returns their embeddings
     `[E, H]`, ids `[E]` and the per-row mask `[R, E]` (True = a history item of that row, not a negative)."""
     width = int(max(item_ids.max(), history.max())) + 1
-    blocked = torch.zeros(history.shape[0], width, dtype=torch.bool, device=history.device)
-    blocked.scatter_(1, history.long(), True)
-    blocked[:, 0] = False  # history padding
+    blocked = mask_history(torch.zeros(history.shape[0], width, device=history.device), history).isinf()
     return item_emb, item_ids, blocked[:, item_ids.to(history.device)]
 
 
