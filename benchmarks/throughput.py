@@ -170,8 +170,9 @@ def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dic
         ids, mask = batch["prompt_ids"], batch["prompt_mask"]
         seconds = _best_seconds(lambda: policy.model(input_ids=ids, attention_mask=mask), plan.repeats)
         tokens = int(mask.sum())
-        rows.append({**common, "group": float("nan"), "measure": "prefill", "batch": ids.shape[0], "runs": plan.repeats, "seconds": seconds,
-                     "tokens": tokens, "tokens_per_s": tokens / seconds, "samples_per_s": ids.shape[0] / seconds,
+        rows.append({**common, "group": float("nan"), "measure": "prefill", "batch": ids.shape[0],
+                     "runs": plan.repeats, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                     "samples_per_s": ids.shape[0] / seconds,
                      "bound_tokens_per_s": flop_bound, "share_of_bound": tokens / seconds / flop_bound})
     return rows
 

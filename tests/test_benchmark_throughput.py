@@ -30,8 +30,8 @@ def test_quick_run(bench, tmp_path: Path) -> None:
     for r in rows:
         if r["measure"] in ("rollout", "prefill"):  # measured against a positive bound
             assert float(r["bound_tokens_per_s"]) > 0
-            assert float(r["share_of_bound"]) == pytest.approx(float(r["tokens_per_s"]) / float(r["bound_tokens_per_s"]),
-                                                               rel=1e-6)
+            share = float(r["tokens_per_s"]) / float(r["bound_tokens_per_s"])
+            assert float(r["share_of_bound"]) == pytest.approx(share, rel=1e-6)
     bounds = [float(r["bound_tokens_per_s"]) for r in rollouts]
     assert bounds == sorted(bounds)  # more sequences per decode step: a higher (or the FLOP-capped) bound
     steps = {r["measure"]: r for r in rows if r["measure"] not in ("rollout", "prefill")}
