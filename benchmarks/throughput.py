@@ -7,6 +7,8 @@ fast bf16):
   against the decode roofline: each decode step reads every weight once and does 2 FLOPs per weight per sequence, so
   tokens/s <= min(B x G x bandwidth / weight bytes, peak FLOP/s / (2 x params));
 - prefill tokens/s (one forward over B prompts) against the FLOP bound peak / (2 x params);
+- forward + backward of B x G rollouts as G joined sequences per prompt vs each prompt run once with its G
+  completions (the training path), on the same completions;
 - samples/s of a GRPOModule `training_step` (G rollouts, rewards, backward, optimizer step) with its time breakdown
   (generation; old log-prob / embedding forward and rewards; loss forward, backward and optimizer; catalogue-row
   refresh), and of the ScoringModule's `predict_step` (N rollouts, greedy pass, representativeness in the `hidden`
@@ -48,6 +50,7 @@ from minirec.recpo import SamplingConfig
 COLUMNS = ("model", "dtype", "measure", "batch", "group", "max_new_tokens", "runs", "seconds", "tokens",
            "tokens_per_s", "samples_per_s", "bound_tokens_per_s", "share_of_bound", "time_generate_s",
            "time_score_s", "time_update_s", "time_refresh_s")  # fmt: skip
+TOKEN_MEASURES = ("rollout", "prefill", "fwd+bwd joined", "fwd+bwd prefix-shared")  # rows of the tokens/s table
 BREAKDOWN = ("time_generate_s", "time_score_s", "time_update_s", "time_refresh_s")  # logged by GRPOModule
 PROCESSING = ProcessingConfig(dataset="movielens-100k", time_window=None, require_price=False, k_core=50)
 PROMPTS = PromptConfig(category="movies", item="movie", item_plural="movies", prompt_window=5, max_item_tokens=96)
@@ -174,6 +177,35 @@ def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dic
                      "runs": plan.repeats, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                      "samples_per_s": ids.shape[0] / seconds,
                      "bound_tokens_per_s": flop_bound, "share_of_bound": tokens / seconds / flop_bound})
+    return rows + measure_train_forward(policy, batch, plan, common, flop_bound / 2)
+
+
+def measure_train_forward(policy: Policy, batch: dict[str, torch.Tensor], plan: Plan, common: dict[str, Any],
+                          bound: float) -> list[dict[str, Any]]:
+    """Forward + backward (LoRA gradients) of B x G rollouts, B the middle rollout batch: the G joined sequences
+    per prompt (`forward_sequences`) against each prompt run once with its G completions (`forward_groups`), both
+    on the same sampled completions. Bound: peak FLOP/s / (4 x params) per token run (the frozen base's backward
+    computes activation gradients only)."""
+    b = plan.rollout_batches[len(plan.rollout_batches) // 2]
+    ids, mask = batch["prompt_ids"][:b], batch["prompt_mask"][:b]
+    torch.manual_seed(0)
+    comp, cmask = policy.generate(ids, mask, num_samples=plan.group, max_new_tokens=plan.max_new_tokens)
+    joined = policy.join(ids.repeat_interleave(plan.group, 0), mask.repeat_interleave(plan.group, 0), comp, cmask)
+
+    def forward_backward(forward) -> None:
+        logps, emb = forward()
+        (logps.sum() + emb.sum()).backward()
+        policy.model.zero_grad(set_to_none=True)
+
+    rows = []
+    for measure, forward, tokens in (
+        ("fwd+bwd joined", lambda: policy.forward_sequences(*joined), int(joined[1].sum())),
+        ("fwd+bwd prefix-shared", lambda: policy.forward_groups(ids, mask, comp, cmask), int(mask.sum() + cmask.sum())),
+    ):
+        seconds = _best_seconds(lambda: forward_backward(forward), plan.repeats)
+        rows.append({**common, "measure": measure, "batch": b, "runs": plan.repeats, "seconds": seconds,
+                     "tokens": tokens, "tokens_per_s": tokens / seconds, "samples_per_s": b / seconds,
+                     "bound_tokens_per_s": bound, "share_of_bound": tokens / seconds / bound})
     return rows
 
 
@@ -248,7 +280,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
-        steps = [r for r in rows if r["model"] == model and r["measure"] not in ("rollout", "prefill")]
+        steps = [r for r in rows if r["model"] == model and r["measure"] not in TOKEN_MEASURES]
         labels = [f"{r['measure']}\n{r['dtype']}" for r in steps]
         for j, r in enumerate(steps):
             if r["measure"] != "training step":
@@ -270,7 +302,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
 def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dict[str, Any],
                    bounds: dict[str, float]) -> None:
-    steps = [r for r in rows if r["measure"] not in ("rollout", "prefill")]
+    steps = [r for r in rows if r["measure"] not in TOKEN_MEASURES]
     base = {r["model"]: r["samples_per_s"] for r in steps if (r["measure"], r["dtype"]) == ("training step", "float32")}
     steps = [{**r, "vs_training": r["samples_per_s"] / base[r["model"]]} for r in steps]
     bound_line = ", ".join([f"peak matmul {bounds[f'gflops_{d}']:.0f} GFLOP/s in {d}" for d in plan.dtypes]
@@ -281,10 +313,12 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dic
         f"{plan.max_new_tokens} new tokens (sampling, temperature 1.5, top-k 200); LoRA r 8 on all projections "
         "(float32); `dtype` is the frozen base weights' dtype.", "",
         f"Measured bound of this machine: {bound_line}.", "",
-        "## Rollouts and prefill against the bound", "",
+        "## Rollouts, prefill and the training forward against the bound", "",
         "Decode bound: each step reads every weight once (bandwidth) and does 2 FLOPs per weight per sequence; "
-        "prefill bound: peak FLOP/s / (2 x params).", "",
-        markdown_table([r for r in rows if r["measure"] in ("rollout", "prefill")], {
+        "prefill bound: peak FLOP/s / (2 x params); forward + backward (LoRA gradients, frozen base): peak FLOP/s / "
+        "(4 x params) per token run. `joined` runs G prompt + completion sequences per prompt, `prefix-shared` each "
+        "prompt once with its G completions (the training path); tokens = tokens run.", "",
+        markdown_table([r for r in rows if r["measure"] in TOKEN_MEASURES], {
             "model": "model", "dtype": "dtype", "measure": "measure", "batch": "prompts B", "group": "G",
             "tokens": "tokens", "seconds": "seconds (median / best)", "tokens_per_s": "tokens/s",
             "bound_tokens_per_s": "bound tokens/s", "share_of_bound": "share of bound"}), "",

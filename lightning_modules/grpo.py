@@ -28,6 +28,7 @@ from minirec.evaluation import (
     candidate_counts,
     comparison_table,
     metric_names,
+    paired_differences,
     per_sample_metrics,
     random_expectation,
 )
@@ -48,7 +49,7 @@ class OptimConfig:
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps (0 = constant from the start).
         grad_clip: gradient-norm clip (0 = off).
-        micro_batch_size: rollout rows per forward/backward (the B x G rows of a step are split into these).
+        micro_batch_size: rollout rows per forward/backward, in whole groups (at least one prompt with its G rows).
         ppo_epochs: updates per rollout batch; with 1 the ratio ρ is exactly 1.
         catalog_refresh_every_n_steps: full catalogue re-encode period in steps (0 = only at train start/validation).
     """
@@ -118,9 +119,13 @@ class GRPOModule(PolicyModule):
         self.policy.train()  # the policy loads in eval mode; LoRA dropout is on while fitting
 
     def on_train_start(self) -> None:
-        """Encode the catalogue, unless a resumed fit restored the one the interrupted run was using."""
+        """Encode the catalogue, unless a resumed fit restored the one the interrupted run was using (a fresh adapter:
+        the base model's, encoded once per process)."""
         restored, self.restored_catalog = self.restored_catalog, None
-        self.catalog = self.encode_catalog() if restored is None else restored.to(self.device)
+        if restored is not None:
+            self.catalog = restored.to(self.device)
+        else:
+            self.catalog = self.encode_base_catalog() if self.policy.adapter_is_identity() else self.encode_catalog()
 
     def on_validation_epoch_start(self) -> None:
         self.catalog = self.encode_catalog()
@@ -128,8 +133,7 @@ class GRPOModule(PolicyModule):
     def on_test_epoch_start(self) -> None:
         self.catalog = self.encode_catalog()
         if self.hparams.test_baselines:
-            with self.policy.model.disable_adapter():
-                self.zero_shot_catalog = self.encode_catalog()
+            self.zero_shot_catalog = self.encode_base_catalog()
             self.popularity = self.trainer.datamodule.item_popularity().float().to(self.device)
 
     # -- training -------------------------------------------------------------------------------------------------
@@ -157,18 +161,17 @@ class GRPOModule(PolicyModule):
         t2 = time.perf_counter()
         uniq, t_index = dedupe_targets(ro.target)
         sampled = self._sampled_negatives()
-        n_tokens = ro.completion.sum().clamp(min=1)
+        n_tokens = ro.completion_mask.sum().clamp(min=1)
         for _ in range(self.optim.ppo_epochs):
             totals: dict[str, torch.Tensor] = {}
-            for start in range(0, ro.rows, mb):
-                sl = slice(start, start + mb)
+            for sl, part in ro.prompt_slices(mb):
                 item_emb = self._item_embeddings(uniq)
-                extra, extra_ids, extra_mask = self._extra_negatives(item_emb.detach(), uniq, ro.history[sl], sampled)
-                lp, h_mb = self.policy.forward_sequences(ro.seq[sl], ro.mask[sl], ro.completion[sl])
+                extra, extra_ids, extra_mask = self._extra_negatives(item_emb.detach(), uniq, part.history, sampled)
+                lp, h_mb = part.forward(self.policy)
                 old = lp.detach() if self.optim.ppo_epochs == 1 else old_lp[sl]
                 loss, stats = self.loss(
-                    lp, old, ro.completion[sl], token_adv[sl], h_mb, item_emb, t_index[sl], rec_weights[sl],
-                    batch_rows=ro.rows, batch_tokens=n_tokens, max_len=ro.completion.shape[1],
+                    lp, old, part.completion_mask, token_adv[sl], h_mb, item_emb, t_index[sl], rec_weights[sl],
+                    batch_rows=ro.rows, batch_tokens=n_tokens, max_len=ro.completion_ids.shape[1],
                     ref_logprobs=None if ref_lp is None else ref_lp[sl], extra_negatives=extra, item_ids=uniq,
                     extra_ids=extra_ids, extra_mask=extra_mask,
                 )
@@ -289,15 +292,15 @@ class GRPOModule(PolicyModule):
         self.val_metrics.reset()
 
     def on_test_epoch_end(self) -> None:
-        """Means of every method and their 95 % bootstrap intervals: logged (`test/<metric>` for the policy,
-        `test/<method>/<metric>` for the baselines) and written to `test_report.md` / `test_metrics.json`."""
+        """Means of every method and of the paired differences `policy-<baseline>`, with 95 % bootstrap intervals:
+        logged (`test/<metric>` for the policy, `test/<method>/<metric>` for the others) and written to `test_report.md` / `test_metrics.json`."""
         ranks, candidates = self.test_records.compute()
         self.test_records.reset()
         ks, names = self.hparams.ks, metric_names(self.hparams.ks)
         methods = ("policy", "zero_shot", "popularity")[: ranks.shape[1] if ranks.numel() else 1]
         values = {m: per_sample_metrics(ranks[:, i], ks) for i, m in enumerate(methods)}
         values["random"] = random_expectation(candidates, ks)
-        intervals = bootstrap_intervals(values, seed=0)
+        intervals = bootstrap_intervals({**values, **paired_differences(values)}, seed=0)
         for method, (mean, _, _) in intervals.items():
             prefix = "test/" if method == "policy" else f"test/{method}/"
             self.log_dict({prefix + n: float(v) for n, v in zip(names, mean)})

@@ -3,7 +3,9 @@ embeddings."""
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import asdict
 
 import lightning as L
 import torch
@@ -13,6 +15,8 @@ from minirec.policy import Policy, PolicyConfig, eval_mode
 from minirec.recpo import RewardConfig, SamplingConfig
 
 allow_in_checkpoints(PolicyConfig, SamplingConfig, RewardConfig)
+
+_BASE_CATALOG: dict[str, torch.Tensor] = {}  # this process's base-model catalogue [N+1, H] (CPU), by `_base_key`
 
 
 class PolicyModule(L.LightningModule):
@@ -74,6 +78,21 @@ class PolicyModule(L.LightningModule):
         catalog = torch.zeros(n + 1, local.shape[1], device=self.device)
         catalog[1:] = gathered.reshape(-1, local.shape[1])[:n]
         return catalog
+
+    def encode_base_catalog(self) -> torch.Tensor:
+        """The catalogue as the base model (adapter off) encodes it, `[N+1, H]`: encoded once per process for a given
+        model, device layout and set of item prompts, since every fit starts from the base model (a fresh adapter
+        computes exactly what the base does) and every test's zero-shot reference is the base model."""
+        dm = self.trainer.datamodule
+        prompts = [dm.items[i]["prompt_ids"] for i in range(dm.num_items)]
+        key = hashlib.sha256(repr((asdict(self.policy_config), str(self.device), self.trainer.world_size,
+                                   prompts)).encode()).hexdigest()
+        if key not in _BASE_CATALOG:
+            with self.policy.model.disable_adapter():
+                catalog = self.encode_catalog()
+            _BASE_CATALOG.clear()  # one model per process at a time
+            _BASE_CATALOG[key] = catalog.cpu().clone()
+        return _BASE_CATALOG[key].to(self.device, copy=True)  # a copy: training refreshes rows of its catalogue
 
     @torch.no_grad()
     def user_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

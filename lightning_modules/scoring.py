@@ -11,7 +11,7 @@ uneven shards cannot hang). Pair with `callbacks.ScoreWriter`.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ from lightning_modules.policy_module import PolicyModule
 from minirec.io import ConfigError, load_checkpoint
 from minirec.losses import LossConfig, RecPOLoss
 from minirec.policy import PolicyConfig
-from minirec.recpo import RewardConfig, SamplingConfig, reseed, sample_rollouts, score_rollouts
+from minirec.recpo import (
+    RewardConfig, Rollouts, SamplingConfig, reseed, rollout_forward, sample_rollouts, score_rollouts,
+)
 from minirec.rewards import catalog_negatives
 from minirec.representativeness import RademacherProjection, hidden_hvp_vectors, parameter_space_vector
 
@@ -115,7 +117,7 @@ class ScoringModule(PolicyModule):
         n = self.sampling.group_size
         reseed(self.run_seed, int(batch["sample_id"][0]))  # a resumed scoring run draws what an unbroken one does
         ro = sample_rollouts(self.policy, batch, self.sampling)
-        h_roll = self.policy.encode(ro.seq, ro.mask).float()  # embeddings only: no log-probs needed here
+        _, h_roll = rollout_forward(self.policy, ro, ro.rows)
         rewards, _ = score_rollouts(h_roll, self.catalog, ro.target, ro.history, self.reward)
         user_emb, user_seq, user_mask = self.user_embeddings(batch)
         if self.hparams.space == "hidden":
@@ -148,16 +150,15 @@ class ScoringModule(PolicyModule):
             )
         # predict runs under inference mode; its tensors must be cloned outside it before they enter autograd
         with torch.inference_mode(False), torch.enable_grad():
-            seq, mask, comp_pos = (x.clone() for x in (rollouts.seq, rollouts.mask, rollouts.completion))
+            rollouts = Rollouts(*(getattr(rollouts, f.name).clone() for f in fields(rollouts)))
             useq, umask = (x.clone() for x in users)
             catalog, target, history = self.catalog.clone(), batch["target"].clone(), batch["history"].clone()
             rewards = rewards.clone()
             vectors = []
-            for b in range(useq.shape[0]):
-                rows = slice(b * n, (b + 1) * n)
-                lp, _ = self.policy.forward_sequences(seq[rows], mask[rows], comp_pos[rows])
+            for b, (_, sample) in enumerate(rollouts.prompt_slices(n)):
+                lp, _ = sample.forward(self.policy)
                 adv, _, _ = self.loss.weights(rewards[b])
-                token_loss, _ = self.loss.token_loss(lp, lp.detach(), adv, comp_pos[rows])
+                token_loss, _ = self.loss.token_loss(lp, lp.detach(), adv, sample.completion_mask)
                 h = self.policy.encode(useq[b : b + 1], umask[b : b + 1])
                 negatives, ids, blocked = catalog_negatives(catalog, history[b : b + 1])
                 rec_loss = self.loss.rec_loss(

@@ -6,7 +6,9 @@ Every test report reads the trained policy against three references on the same 
   ties pessimistic like every other rank);
 - `random`: the expected value of a uniformly random ranking of the sample's candidates (catalogue minus history).
 Each mean comes with a 95 % percentile bootstrap interval over test samples (one set of resamples for every method and
-metric, so the intervals of two methods are comparable).
+metric, so the intervals of two methods are comparable), and so does each paired difference `policy-<baseline>`: the
+per-sample difference resampled with the same indices, whose interval excluding 0 says the policy differs from that
+baseline beyond resampling noise (a sharper test than comparing two overlapping intervals).
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ def candidate_counts(history: torch.Tensor, target: torch.Tensor, num_items: int
     """
     open_ = mask_history(torch.zeros(history.shape[0], num_items + 1, device=history.device), history, target)
     return torch.isfinite(open_).sum(dim=1)
+
+
+def paired_differences(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-sample differences `policy-<method>` `[S, M]` against every other method of `values` {method: `[S, M]`}."""
+    return {f"policy-{m}": values["policy"] - v for m, v in values.items() if m != "policy"}
 
 
 def bootstrap_intervals(

@@ -321,6 +321,49 @@ class Policy(torch.nn.Module):
         logps = vals.new_zeros(input_ids.shape).masked_scatter(targets, vals)
         return logps, embeddings
 
+    def forward_groups(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One forward pass over prompts `[B, P]` (left-padded) and their n = R / B completions each `[R, T]`
+        (right-padded; rows b·n .. b·n+n-1 continue prompt b), with each prompt's tokens run once.
+
+        Row b of the pass is prompt b followed by its n completions, `[P + n·T]`; a 4-D attention mask lets each
+        completion see the prompt and itself only, and its positions continue the prompt's, so every completion
+        gets what `forward_sequences` gives it on the joined sequence (up to float rounding), gradient included,
+        for P + n·T tokens instead of n·(P + T). Works with gradient checkpointing (no KV cache is involved).
+
+        Returns logps `[R, T]` (log π of each completion token, 0 on padding) and embeddings `[R, H]`, the
+        final-norm hidden state at each row's last completion token; both at least fp32.
+        """
+        if not bool(prompt_mask[:, -1].all()):
+            raise DataError("forward_groups: prompt_mask must be left-padded (last position real in every row)")
+        if not bool(completion_mask[:, 0].all()):
+            raise DataError("forward_groups: every completion needs at least one token (the marker)")
+        (b, p), (r, t) = prompt_ids.shape, completion_ids.shape
+        n = r // b
+        ids = torch.cat([prompt_ids, completion_ids.reshape(b, n * t)], dim=1)  # [B, L], L = P + n·T
+        real = torch.cat([prompt_mask.bool(), completion_mask.bool().reshape(b, n * t)], dim=1)
+        segment = torch.arange(n, device=ids.device).repeat_interleave(t)  # completion index of each position
+        segment = torch.cat([segment.new_full((p,), -1), segment])  # -1: the prompt
+        index = torch.arange(p + n * t, device=ids.device)
+        sees = (index[None, :] <= index[:, None]) & ((segment[None, :] == -1) | (segment[None, :] == segment[:, None]))
+        allowed = sees[None] & real[:, None, :]  # [B, L, L]: query i may attend key j
+        dtype = self.model.get_input_embeddings().weight.dtype  # the hidden states' dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        prompt_len = prompt_mask.long().sum(1, keepdim=True)  # [B, 1]
+        positions = torch.cat([(prompt_mask.long().cumsum(-1) - 1).clamp(min=0),
+                               (prompt_len + torch.arange(t, device=ids.device)).repeat(1, n)], dim=1)
+        hidden = self.model.get_base_model().get_decoder()(
+            input_ids=ids, attention_mask=mask[:, None], position_ids=positions, use_cache=False
+        ).last_hidden_state  # [B, L, H], after the final norm
+        comp_hidden = hidden[:, p:].reshape(r, t, -1)  # [R, T, H]
+        before = torch.cat([hidden[:, p - 1 : p].repeat_interleave(n, dim=0), comp_hidden[:, :-1]], dim=1)  # predicts
+        real_comp = completion_mask.bool()
+        vals = self._token_logprobs(before[real_comp], completion_ids[real_comp])
+        logps = vals.new_zeros(completion_ids.shape).masked_scatter(real_comp, vals)
+        last = completion_mask.long().sum(1) - 1
+        return logps, _upcast(comp_hidden[torch.arange(r, device=ids.device), last])
+
     def _token_logprobs(self, hidden: Tensor, targets: Tensor) -> Tensor:
         """Hidden states `[N, H]` of the positions before the targets `[N]` -> log-probs `[N]`, in chunks; with
         grad enabled each chunk is checkpointed so backward recomputes its logits instead of storing them (not under
@@ -344,6 +387,12 @@ class Policy(torch.nn.Module):
     def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Embeddings `[R, H]` of left-padded sequences `[R, S]` (users after reasoning, or items)."""
         return self.forward_sequences(input_ids, attention_mask)[1]
+
+    def adapter_is_identity(self) -> bool:
+        """True while every LoRA B matrix is zero (a fresh adapter): the model then computes exactly what the base
+        model does. False when a matrix is not held here (a partitioned ZeRO-3 parameter)."""
+        lora_b = [p for n, p in self.model.named_parameters() if "lora_B" in n]
+        return bool(lora_b) and all(p.numel() > 0 and not p.any() for p in lora_b)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The LoRA (trainable) weights only, by parameter name (detached, sharing storage with the parameters)."""

@@ -1,8 +1,9 @@
-"""RecPO rollouts (sample G completions per prompt, join, forward) and their scoring, shared by training, scoring
-and evaluation (METHOD.md §4); sampling and reward settings."""
+"""RecPO rollouts (G sampled completions per prompt, each prompt run once for its group) and their scoring, shared
+by training, scoring and evaluation (METHOD.md §4); sampling and reward settings."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -78,49 +79,70 @@ def score_rollouts(
 
 @dataclass(frozen=True)
 class Rollouts:
-    """B prompts × G sampled completions, joined to their prompts, group-major (the G rows of a prompt adjacent).
+    """B prompts × n sampled completions each, group-major (row b·n + j is completion j of prompt b).
 
-    seq / mask `[R, S]` left-padded joined sequences (R = B·G); completion `[R, S]` bool, True on generated tokens
-    (the log-prob targets); lengths `[R]` generated tokens per row; target `[R]` and history `[R, L]` of each row's
-    prompt.
+    prompt_ids / prompt_mask `[B, P]` left-padded prompts; completion_ids / completion_mask `[R, T]` right-padded
+    completions (R = B·n), each ending with the marker (the log-prob targets); target `[R]` and history `[R, L]` of
+    each row's prompt.
     """
 
-    seq: torch.Tensor
-    mask: torch.Tensor
-    completion: torch.Tensor
-    lengths: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
     target: torch.Tensor
     history: torch.Tensor
 
     @property
     def rows(self) -> int:
-        return self.seq.shape[0]
+        return self.completion_ids.shape[0]
+
+    @property
+    def per_prompt(self) -> int:
+        return self.rows // self.prompt_ids.shape[0]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Completion tokens per row `[R]`."""
+        return self.completion_mask.sum(1)
+
+    def prompt_slices(self, max_rows: int) -> Iterator[tuple[slice, Rollouts]]:
+        """Consecutive whole groups, at most `max_rows` rows (at least one prompt): (row slice, their rollouts)."""
+        n = self.per_prompt
+        step = max(1, max_rows // n)
+        for start in range(0, self.prompt_ids.shape[0], step):
+            p, r = slice(start, start + step), slice(start * n, (start + step) * n)
+            yield r, Rollouts(self.prompt_ids[p], self.prompt_mask[p], self.completion_ids[r],
+                              self.completion_mask[r], self.target[r], self.history[r])
+
+    def forward(self, policy: Policy) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token log-probs `[R, T]` and user embeddings `[R, H]` of these rollouts (each prompt run once)."""
+        return policy.forward_groups(self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask)
 
 
 def sample_rollouts(policy: Policy, batch: dict[str, torch.Tensor], sampling: SamplingConfig,
                     num_samples: int | None = None) -> Rollouts:
     """Sample `num_samples` (default G = sampling.group_size) completions per prompt of `batch` (`prompt_ids` /
-    `prompt_mask` `[B, P]`, `target` `[B]`, `history` `[B, L]`) and join them to their prompts. The sampling draws
-    from torch's global generator (seed it with `reseed`)."""
+    `prompt_mask` `[B, P]`, `target` `[B]`, `history` `[B, L]`). The sampling draws from torch's global generator
+    (seed it with `reseed`)."""
     n = num_samples or sampling.group_size
     comp, comp_mask = policy.generate(
         batch["prompt_ids"], batch["prompt_mask"], num_samples=n, do_sample=True, temperature=sampling.temperature,
         top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
     )
     rep = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731  [B, ...] -> [B x G, ...]
-    seq, mask, completion = policy.join(rep(batch["prompt_ids"]), rep(batch["prompt_mask"]), comp, comp_mask)
-    return Rollouts(seq, mask, completion, comp_mask.sum(1), rep(batch["target"]), rep(batch["history"]))
+    return Rollouts(batch["prompt_ids"], batch["prompt_mask"], comp, comp_mask, rep(batch["target"]),
+                    rep(batch["history"]))
 
 
 @torch.no_grad()
 def rollout_forward(policy: Policy, rollouts: Rollouts, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """No-grad forward of the rollouts in eval mode (no dropout), `micro_batch_size` rows at a time: token log-probs
-    `[R, S]` (0 off the completion) and user embeddings `[R, H]` float32."""
+    """No-grad forward of the rollouts in eval mode (no dropout), whole groups of at most `micro_batch_size` rows at
+    a time: token log-probs `[R, T]` (0 on padding) and user embeddings `[R, H]` float32."""
     logprobs, embeddings = [], []
     with eval_mode(policy):
-        for start in range(0, rollouts.rows, micro_batch_size):
-            rows = slice(start, start + micro_batch_size)
-            lp, h = policy.forward_sequences(rollouts.seq[rows], rollouts.mask[rows], rollouts.completion[rows])
+        for _, part in rollouts.prompt_slices(micro_batch_size):
+            lp, h = part.forward(policy)
             logprobs.append(lp)
             embeddings.append(h.float())
     return torch.cat(logprobs), torch.cat(embeddings)

@@ -28,13 +28,15 @@ def test_quick_run(bench, tmp_path: Path) -> None:
         assert 0 < float(r["tokens"]) <= int(r["batch"]) * plan.group * (plan.max_new_tokens + 8)
         assert float(r["tokens_per_s"]) == pytest.approx(float(r["tokens"]) / float(r["seconds"]), rel=1e-6)
     for r in rows:
-        if r["measure"] in ("rollout", "prefill"):  # measured against a positive bound
+        if r["measure"] in bench.TOKEN_MEASURES:  # measured against a positive bound
             assert float(r["bound_tokens_per_s"]) > 0
             share = float(r["tokens_per_s"]) / float(r["bound_tokens_per_s"])
             assert float(r["share_of_bound"]) == pytest.approx(share, rel=1e-6)
     bounds = [float(r["bound_tokens_per_s"]) for r in rollouts]
     assert bounds == sorted(bounds)  # more sequences per decode step: a higher (or the FLOP-capped) bound
-    steps = {r["measure"]: r for r in rows if r["measure"] not in ("rollout", "prefill")}
+    joined, shared = ({r["measure"]: r for r in rows}[f"fwd+bwd {m}"] for m in ("joined", "prefix-shared"))
+    assert joined["batch"] == shared["batch"] and float(shared["tokens"]) < float(joined["tokens"])  # prompt once
+    steps = {r["measure"]: r for r in rows if r["measure"] not in bench.TOKEN_MEASURES}
     assert set(steps) == {"scoring (hidden)", "scoring (lora)", "training step"}
     for r in steps.values():
         assert int(r["runs"]) == plan.steps - 1  # the warm-up batch is not counted

@@ -13,6 +13,7 @@ from minirec.evaluation import (
     candidate_counts,
     comparison_table,
     metric_names,
+    paired_differences,
     per_sample_metrics,
     random_expectation,
 )
@@ -58,6 +59,23 @@ def test_bootstrap_is_seeded_shared_across_methods_and_shrinks_with_samples() ->
     assert torch.all(hi_s - lo_s > hi - lo)
     with pytest.raises(ValueError, match="same samples"):
         bootstrap_intervals({"x": a, "y": a[:10]})
+
+
+def test_paired_difference_detects_a_consistent_gain_that_overlapping_intervals_hide() -> None:
+    """The policy hits every sample the baseline hits plus 12 more of 200: the two intervals overlap, the paired
+    difference's interval excludes 0; a policy equal to the baseline gets a difference of exactly 0."""
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.rand(200, 1, generator=gen) < 0.1).float()
+    policy = base.clone()
+    policy[(base[:, 0] == 0).nonzero()[:12, 0]] = 1.0
+    out = bootstrap_intervals({"policy": policy, "zero_shot": base,
+                               **paired_differences({"policy": policy, "zero_shot": base})})
+    (_, lo_p, _), (_, _, hi_b) = out["policy"], out["zero_shot"]
+    assert lo_p.item() < hi_b.item()  # separate intervals overlap
+    mean, lo, hi = out["policy-zero_shot"]
+    assert mean.item() == pytest.approx(12 / 200) and lo.item() > 0
+    same = paired_differences({"policy": base, "popularity": base})["policy-popularity"]
+    assert (same == 0).all()
 
 
 def test_comparison_table_has_a_cell_per_method_and_metric() -> None:

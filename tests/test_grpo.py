@@ -234,11 +234,14 @@ def test_test_reports_policy_against_baselines(tmp_path: Path) -> None:
     dm = make_dm(tmp_path, max_test_samples=24)
     out = trainer(tmp_path).test(make_module(), datamodule=dm, verbose=False)[0]
     report = __import__("json").loads((tmp_path / "test_metrics.json").read_text())
-    assert report["samples"] == 24 and set(report["methods"]) == {"policy", "zero_shot", "popularity", "random"}
+    baselines = {"zero_shot", "popularity", "random"}
+    assert report["samples"] == 24
+    assert set(report["methods"]) == {"policy", *baselines, *(f"policy-{b}" for b in baselines)}
     assert (tmp_path / "test_report.md").read_text().count("[") >= 4 * 8
     for name in ("ndcg@10", "hr@50"):
         pol, zs = report["methods"]["policy"][name], report["methods"]["zero_shot"][name]
         assert pol == zs  # the adapter starts as a no-op
+        assert report["methods"]["policy-zero_shot"][name] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}  # paired
         assert pol["lo"] <= pol["mean"] <= pol["hi"]
         assert out[f"test/{name}"] == pytest.approx(pol["mean"])
         assert out[f"test/popularity/{name}"] == pytest.approx(report["methods"]["popularity"][name]["mean"])
@@ -254,3 +257,28 @@ def test_test_reports_policy_against_baselines(tmp_path: Path) -> None:
     assert report["methods"]["popularity"]["hr@10"]["mean"] == pytest.approx(sum(hits) / len(hits))
     expected = random_expectation(torch.tensor(cands), (5, 10, 20, 50)).mean(0)
     assert report["methods"]["random"]["hr@10"]["mean"] == pytest.approx(float(expected[5]), rel=1e-5)
+
+
+def test_base_catalogue_is_encoded_once_and_equals_a_fresh_adapters(tmp_path: Path) -> None:
+    """A fit from a fresh adapter starts from the base model's catalogue, and a later test's zero-shot reference
+    reuses it instead of encoding it again; it equals the encoding with the fresh adapter on, exactly."""
+    from lightning_modules import policy_module
+
+    class Start(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 0:
+                self.cached, self.with_adapter = pl_module.catalog.clone(), pl_module.encode_catalog()
+
+    L.seed_everything(0)
+    policy_module._BASE_CATALOG.clear()
+    dm, module, start = make_dm(tmp_path, max_test_samples=8), make_module(), Start()
+    calls = []
+    encode = module.encode_catalog
+    module.encode_catalog = lambda *a, **k: calls.append(1) or encode(*a, **k)
+    t = trainer(tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False, callbacks=[start])
+    t.fit(module, datamodule=dm)
+    assert module.policy.adapter_is_identity() is False  # trained, so the test encodes the policy's own catalogue
+    t.test(module, datamodule=dm, verbose=False)
+    assert torch.equal(start.cached, start.with_adapter)
+    assert torch.equal(module.zero_shot_catalog, start.cached)
+    assert len(calls) == 3  # base (train start), the probe above, the policy's at test: zero-shot was not re-encoded

@@ -289,6 +289,38 @@ def test_logprobs_match_full_log_softmax_and_embedding_is_final_norm_state(arch)
     assert torch.allclose(normed[0][:, -1], emb)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_grouped_forward_equals_the_joined_rows_with_gradient(arch, checkpointing):
+    """Each prompt run once for its n completions (different lengths, left-padded prompts) gives the joined rows'
+    log-probs, embeddings and LoRA gradient, with and without gradient checkpointing."""
+    policy = Policy(PolicyConfig(f"tiny-random-{arch}", attn_implementation="eager", lora_dropout=0.0,
+                                 gradient_checkpointing=checkpointing))
+    randomize_lora(policy)
+    policy.train()
+    ids, mask = prompts(policy)
+    torch.manual_seed(0)
+    comp, cmask = policy.generate(ids, mask, num_samples=3, max_new_tokens=6)
+    cmask[1, 2:] = 0  # a shorter completion in the middle of a group
+    comp = comp.masked_fill(~cmask.bool(), policy.tokenizer.pad_token_id)
+    params = [p for p in policy.parameters() if p.requires_grad]
+
+    def run(forward):
+        logps, emb = forward()
+        loss = logps.sum() + emb.pow(2).sum()
+        return logps.detach(), emb.detach(), torch.autograd.grad(loss, params)
+
+    j_ids, j_mask, j_comp = policy.join(ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), comp, cmask)
+    lp_j, emb_j, grad_j = run(lambda: policy.forward_sequences(j_ids, j_mask, j_comp))
+    lp_g, emb_g, grad_g = run(lambda: policy.forward_groups(ids, mask, comp, cmask))
+    assert lp_g.shape == comp.shape and (lp_g[~cmask.bool()] == 0).all()
+    assert torch.allclose(lp_g[cmask.bool()], lp_j[j_comp], atol=1e-5)
+    assert torch.allclose(emb_g, emb_j, atol=1e-5)
+    assert all((a - b).abs().max() <= 1e-4 * b.abs().max() for a, b in zip(grad_g, grad_j))  # float rounding
+    with pytest.raises(DataError, match="left-padded"):
+        policy.forward_groups(ids.flip(1), mask.flip(1), comp, cmask)
+
+
 def test_logprobs_and_embeddings_ignore_left_padding(policy):
     ids, mask, comp = sequences(policy)
     logps, emb = policy.forward_sequences(ids, mask, comp)
