@@ -293,7 +293,8 @@ class GRPOModule(PolicyModule):
 
     def on_test_epoch_end(self) -> None:
         """Means of every method and of the paired differences `policy-<baseline>`, with 95 % bootstrap intervals:
-        logged (`test/<metric>` for the policy, `test/<method>/<metric>` for the others) and written to `test_report.md` / `test_metrics.json`."""
+        logged (`test/<metric>` for the policy, `test/<method>/<metric>` for the others) and written to
+        `test_report.md` / `test_metrics.json`."""
         ranks, candidates = self.test_records.compute()
         self.test_records.reset()
         ks, names = self.hparams.ks, metric_names(self.hparams.ks)

@@ -72,7 +72,8 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path: Path, monkeypatch: pytest
     assert "| train |" in report and "![scores/reward_hist.png]" in report and "![train/training_curves.png]" in report
     for method in ("policy", "zero_shot", "popularity", "random"):  # every report reads the policy against baselines
         assert f"| {method} | " in report
-    assert set(first["test"]["baselines"]["methods"]) == {"policy", "zero_shot", "popularity", "random"}
+    assert set(first["test"]["baselines"]["methods"]) == {
+        "policy", "zero_shot", "popularity", "random", "policy-zero_shot", "policy-popularity", "policy-random"}
 
     again = tiny_run(tmp_path)  # every stage is complete: nothing runs again
     assert again["test"]["metrics"] == first["test"]["metrics"] and again["seconds"] == first["seconds"]
