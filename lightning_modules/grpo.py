@@ -160,13 +160,17 @@ class GRPOModule(PolicyModule):
 
         t2 = time.perf_counter()
         uniq, t_index = dedupe_targets(ro.target)
-        sampled = self._sampled_negatives()
+        neg_ids = self._sampled_negatives(uniq)
         n_tokens = ro.completion_mask.sum().clamp(min=1)
         for _ in range(self.optim.ppo_epochs):
             totals: dict[str, torch.Tensor] = {}
+            # the items are encoded once per update: each micro-batch's backward stops at `items` and collects its
+            # gradient there, and one backward through the encoder passes the sum on to the weights
+            emb = self._item_embeddings(uniq if neg_ids is None else torch.cat([uniq, neg_ids]))
+            items = emb.detach().requires_grad_()
+            item_emb, neg_emb = items[: uniq.shape[0]], items[uniq.shape[0]:]
             for sl, part in ro.prompt_slices(mb):
-                item_emb = self._item_embeddings(uniq)
-                extra, extra_ids, extra_mask = self._extra_negatives(item_emb.detach(), uniq, part.history, sampled)
+                extra, extra_ids, extra_mask = self._extra_negatives(item_emb, uniq, part.history, neg_ids, neg_emb)
                 lp, h_mb = part.forward(self.policy)
                 old = lp.detach() if self.optim.ppo_epochs == 1 else old_lp[sl]
                 loss, stats = self.loss(
@@ -180,6 +184,8 @@ class GRPOModule(PolicyModule):
                 for key, value in (("loss", loss.detach()), ("token_loss", stats["token_loss"]),
                                    ("rec_loss", stats["rec_loss"])):
                     totals[key] = totals.get(key, 0) + value
+            if items.grad is not None:
+                self.manual_backward((emb.float() * items.grad.float()).sum())
             if self.optim.grad_clip > 0:
                 self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
             opt.step()
@@ -218,28 +224,28 @@ class GRPOModule(PolicyModule):
         )
         self.log("reward", rewards.mean(), prog_bar=True, on_step=True, batch_size=batch["target"].shape[0])
 
-    def _sampled_negatives(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`rec_negatives: sampled`: this step's random catalogue items, ids `[K]`, and their embeddings `[K, H]` by the
-        current model (eval mode, no gradient); None in the other modes. Negatives from the cached catalogue instead
-        would mix model versions: the fresh target against stale negatives lets the loss fall by a shift common to all
-        freshly encoded items, which ranks nothing better once the catalogue is re-encoded."""
+    def _sampled_negatives(self, targets: torch.Tensor) -> torch.Tensor | None:
+        """`rec_negatives: sampled`: ids `[K]` of this step's random catalogue items other than the in-batch `targets`,
+        or None in the other modes. They are encoded with the targets, by the model being trained and with gradient:
+        negatives without gradient (or from the cached catalogue) let the rec loss fall by pulling every target
+        towards the users alike, a shift common to all items that ranks nothing better."""
         if self.loss.config.rec_negatives != "sampled":
             return None
-        n = self.catalog.shape[0] - 1
-        ids = torch.randperm(n, device=self.device)[: self.loss.config.sampled_negatives] + 1
-        with torch.no_grad(), eval_mode(self.policy):
-            return ids, self._item_embeddings(ids).float()
+        free = torch.ones(self.catalog.shape[0], dtype=torch.bool, device=self.device)
+        free[0], free[targets] = False, False
+        pool = free.nonzero().squeeze(1)
+        return pool[torch.randperm(pool.shape[0], device=self.device)[: self.loss.config.sampled_negatives]]
 
     def _extra_negatives(
         self, item_emb: torch.Tensor, item_ids: torch.Tensor, history: torch.Tensor,
-        sampled: tuple[torch.Tensor, torch.Tensor] | None,
+        neg_ids: torch.Tensor | None, neg_emb: torch.Tensor,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Detached extra negatives of the rec loss for rows with `history` `[R, L]`: embeddings `[E, H]`, ids `[E]` and
-        a per-row mask `[R, E]` (True = history item, not a negative), or Nones when there are none."""
-        if sampled is not None:
-            ids, emb = sampled
-            return item_negatives(emb, ids, history)
-        extra, extra_ids = self._other_ranks(item_emb, item_ids)
+        """Extra negatives of the rec loss for rows with `history` `[R, L]`: embeddings `[E, H]`, ids `[E]` and a per-row
+        mask `[R, E]` (True = history item, not a negative), or Nones when there are none. The sampled negatives
+        `neg_emb` `[K, H]` keep their gradient; other devices' in-batch targets arrive without."""
+        if neg_ids is not None:
+            return item_negatives(neg_emb, neg_ids, history)
+        extra, extra_ids = self._other_ranks(item_emb.detach(), item_ids)
         return extra, extra_ids, None
 
     def _other_ranks(self, item_emb: torch.Tensor, item_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

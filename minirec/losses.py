@@ -135,11 +135,11 @@ def rec_infonce_loss(
     extra_ids: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted InfoNCE of each user embedding against the in-batch target items (+ detached extra negatives).
+    """Weighted InfoNCE of each user embedding against the in-batch target items (+ extra negatives).
 
     user_emb `[R, H]`; item_emb `[M, H]` the UNIQUE in-batch target items of this device (with grad); target_index `[R]`
-    into item_emb; weights `[R]` (A * relabel); extra_negatives `[E, H]` (e.g. gathered from other devices; always
-    detached). Logits are cos / tau over the M + E candidates. Loss = sum_r w_r * CE_r / R: the normaliser is the number
+    into item_emb; weights `[R]` (A * relabel); extra_negatives `[E, H]` (sampled catalogue items, with grad, or other
+    devices' targets, gathered without; the loss keeps whatever gradient they carry). Logits are cos / tau over the M + E candidates. Loss = sum_r w_r * CE_r / R: the normaliser is the number
     of rows R, zero-weight rows included. When item_ids `[M]` and extra_ids `[E]` are given, extra negatives that repeat
     an in-batch item or an earlier extra negative are dropped, so no item is a candidate twice. extra_mask `[R, E]`
     (True = not a candidate of that row) drops per-row extra negatives, e.g. the row's history items.
@@ -149,7 +149,7 @@ def rec_infonce_loss(
     candidates = item_emb.float()
     drop = None
     if extra_negatives is not None:
-        candidates = torch.cat([candidates, extra_negatives.detach().float()], dim=0)
+        candidates = torch.cat([candidates, extra_negatives.float()], dim=0)
         if item_ids is not None and extra_ids is not None:
             in_batch = (extra_ids[:, None] == item_ids[None, :]).any(dim=1)
             seen_before = (extra_ids[:, None] == extra_ids[None, :]).tril(diagonal=-1).any(dim=1)

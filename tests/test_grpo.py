@@ -53,6 +53,38 @@ def test_recpo_learns_planted_preferences(tmp_path: Path) -> None:
     assert after > before + 0.15, (before, after)  # measured: 0.154 -> 0.48..0.58 over seeds 0-2
 
 
+class LoraGrads(L.Callback):
+    """Records the LoRA gradients of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads.append({k: p.grad.clone() for k, p in pl_module.named_parameters() if "lora_" in k})
+
+
+def test_update_does_not_depend_on_the_micro_batch_size(tmp_path: Path) -> None:
+    """An update over 1, 2 or 4 micro-batches has the same gradient: each micro-batch's loss carries its share, and
+    the items (targets and sampled negatives, encoded once per update) receive every micro-batch's gradient."""
+    grads = []
+    for mb in (8, 4, 2):
+        L.seed_everything(0)
+        module = GRPOModule(
+            policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0),
+            sampling=SamplingConfig(group_size=2, max_new_tokens=4),
+            loss=LossConfig(rec_negatives="sampled", sampled_negatives=8),
+            optim=OptimConfig(lr=1e-2, micro_batch_size=mb), eval_max_new_tokens=4,
+        )
+        record = LoraGrads()
+        trainer(tmp_path / str(mb), max_steps=1, limit_val_batches=0, enable_checkpointing=False,
+                callbacks=[record]).fit(module, datamodule=make_dm(tmp_path, train_batch_size=4))
+        assert len(record.grads) == 1 and any(g.abs().max() > 0 for g in record.grads[0].values())
+        grads.append(record.grads[0])
+    for other in grads[1:]:
+        for key, value in grads[0].items():
+            torch.testing.assert_close(other[key], value, atol=1e-6, rtol=1e-4)
+
+
 class SeenIds(L.Callback):
     """Records the sample ids of every training batch."""
 
@@ -161,10 +193,10 @@ def test_catalog_is_encoded_in_eval_mode_during_fit(tmp_path: Path) -> None:
     assert torch.allclose(probe.cached[rows], probe.first[rows], atol=1e-5)  # the per-step refresh is eval mode too
 
 
-def test_sampled_negatives_are_encoded_by_the_current_model(tmp_path: Path) -> None:
-    """`rec_negatives: sampled` ranks the target against items encoded by the model being trained, not against the
-    cached catalogue (regression: stale cached negatives against fresh targets let the rec loss fall by a shift common
-    to every freshly encoded item, which ranks nothing better once the catalogue is re-encoded)."""
+def test_sampled_negatives_are_encoded_by_the_current_model_with_gradient(tmp_path: Path) -> None:
+    """`rec_negatives: sampled` ranks the target against items encoded like the target: by the model being trained and
+    with gradient (regression: cached-catalogue negatives, and then fresh but detached ones, let the rec loss fall by
+    a shift common to every item, pulling all targets towards the users alike, which ranks nothing better)."""
     L.seed_everything(0)
     module = GRPOModule(
         policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0),
@@ -172,21 +204,23 @@ def test_sampled_negatives_are_encoded_by_the_current_model(tmp_path: Path) -> N
                                                                                  sampled_negatives=8),
         optim=OptimConfig(lr=3e-2, micro_batch_size=8), eval_max_new_tokens=4,
     )
-    drawn = []
-    sample = module._sampled_negatives
+    seen = []
+    real = module.loss.forward
 
-    def record():
-        ids, emb = sample()
-        drawn.append((ids, emb, module.encode_catalog()[ids], module.catalog[ids].clone()))
-        return ids, emb
+    def record(*args, **kwargs):
+        neg, ids = kwargs["extra_negatives"], kwargs["extra_ids"]
+        seen.append((ids, kwargs["item_ids"], neg.requires_grad, neg.detach().clone(), module.encode_catalog()[ids],
+                     module.catalog[ids].clone()))
+        return real(*args, **kwargs)
 
-    module._sampled_negatives = record
+    module.loss.forward = record
     trainer(tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False).fit(module, datamodule=make_dm(tmp_path))
-    assert len(drawn) == 4 and all(ids.unique().numel() == 8 for ids, *_ in drawn)
-    for ids, emb, fresh, cached in drawn:
-        torch.testing.assert_close(emb, fresh, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(drawn[-1][3], drawn[-1][2], atol=1e-3)  # the cache has gone stale by then
-    assert len({tuple(ids.tolist()) for ids, *_ in drawn}) == 4  # redrawn every step
+    assert len(seen) % 4 == 0 and all(ids.unique().numel() == 8 for ids, *_ in seen)  # each micro-batch of 4 steps
+    for ids, targets, with_grad, neg, fresh, _ in seen:
+        assert with_grad and not torch.isin(ids, targets).any()
+        torch.testing.assert_close(neg, fresh, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(seen[-1][5], seen[-1][4], atol=1e-3)  # the cache has gone stale by then
+    assert len({tuple(ids.tolist()) for ids, *_ in seen}) == 4  # redrawn every step, shared by its micro-batches
 
 
 def test_non_finite_embeddings_in_evaluation_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

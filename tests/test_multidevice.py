@@ -122,8 +122,9 @@ def test_zero2_uses_the_preset(results) -> None:
         ds = zero2[run][0]["deepspeed"]
         assert ds["managed_gradient_accumulation"] is False and ds["gradient_clipping"] == 1.0
         assert ds["optimizer"] == "DeepSpeedZeroOptimizer" and ds["base_optimizer"] == "AdamW"
-        # 16 rollout rows per rank, micro_batch_size 8: two backward passes per optimizer step, all accumulated
-        assert ds["global_steps"] == steps and ds["global_samples"] == steps * 2 * ds["train_batch_size"]
+        # 16 rollout rows per rank, micro_batch_size 8: two backward passes per optimizer step and one through the
+        # items they share, all accumulated
+        assert ds["global_steps"] == steps and ds["global_samples"] == steps * 3 * ds["train_batch_size"]
 
 
 def test_zero2_update_matches_ddp(tmp_path_factory) -> None:
