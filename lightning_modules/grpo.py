@@ -181,9 +181,9 @@ class GRPOModule(PolicyModule):
                 )
                 self._check_finite("loss", loss, batch)
                 self.manual_backward(loss)
-                for key, value in (("loss", loss.detach()), ("token_loss", stats["token_loss"]),
-                                   ("rec_loss", stats["rec_loss"])):
-                    totals[key] = totals.get(key, 0) + value
+                for key, value in {**stats, "loss": loss.detach()}.items():
+                    if key in ("loss", "token_loss", "rec_loss", "rec_ce"):
+                        totals[key] = totals.get(key, 0) + value
             if items.grad is not None:
                 self.manual_backward((emb.float() * items.grad.float()).sum())
             if self.optim.grad_clip > 0:
@@ -202,6 +202,7 @@ class GRPOModule(PolicyModule):
                 "train/loss": totals["loss"],
                 "train/token_loss": totals["token_loss"],
                 "train/rec_loss": totals["rec_loss"],
+                "train/rec_ce": totals["rec_ce"],  # unweighted: falls when user embeddings pick their targets
                 "train/reward_mean": rewards.mean(),
                 "train/reward_std": rewards.std(unbiased=False),
                 "train/reward_group_std": groups.std(1, unbiased=False).mean(),

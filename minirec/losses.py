@@ -294,8 +294,9 @@ class RecPOLoss(nn.Module):
         logprobs / old_logprobs / ref_logprobs / completion_mask `[r, T]`; token_adv, rec_weights, target_index `[r]`
         (from `weights`); user_emb `[r, H]` with grad; item_emb `[M, H]` the unique in-batch targets with grad;
         batch_rows R and batch_tokens (completion tokens of the whole batch) set the shares; max_len the batch's
-        completion width (`dr_grpo`); `negatives` as in `rec_loss`. Stats: token_loss and rec_loss (each times its
-        share, so they add up over micro-batches), clip_frac, ratio_mean, kl.
+        completion width (`dr_grpo`); `negatives` as in `rec_loss`. Stats: token_loss, rec_loss and rec_ce (the rec
+        loss with every weight 1: the target's cross-entropy among the candidates; each times its share, so they add
+        up over micro-batches), clip_frac, ratio_mean, kl.
         """
         rows = logprobs.shape[0]
         tok, stats = self.token_loss(logprobs, old_logprobs, token_adv, completion_mask, ref_logprobs, max_len)
@@ -303,5 +304,8 @@ class RecPOLoss(nn.Module):
         token_share = completion_mask.sum() / batch_tokens if self.config.loss_agg == "token_mean" else rows / batch_rows
         rec_share = rows / batch_rows
         loss = tok * token_share + self.config.rec_loss_weight * rec * rec_share
-        stats = {**stats, "token_loss": (tok * token_share).detach(), "rec_loss": (rec * rec_share).detach()}
+        with torch.no_grad():  # how well each row's user embedding picks its target out of the candidates
+            ce = self.rec_loss(user_emb, item_emb, target_index, torch.ones_like(rec_weights), **negatives)
+        stats = {**stats, "token_loss": (tok * token_share).detach(), "rec_loss": (rec * rec_share).detach(),
+                 "rec_ce": ce * rec_share}
         return loss, stats

@@ -135,6 +135,7 @@ TRAINING_CURVES = (
     ("train/reward_group_std", "reward spread within groups"),
     ("train/zero_spread_groups", "share of zero-spread groups"),
     ("train/rec_loss", "rec loss (weighted)"),
+    ("train/rec_ce", "target cross-entropy among candidates"),
     ("train/token_loss", "token loss"),
     ("train/completion_len", "completion length (tokens)"),
 )
@@ -161,8 +162,10 @@ def training_curves(metrics_csvs: Sequence[str | os.PathLike], path: str | os.Pa
     rows = resumed_log_rows(metrics_csvs)
     if not rows:
         raise DataError(f"{', '.join(map(str, metrics_csvs))}: no logged steps to plot")
-    fig = Figure(figsize=(12, 6))
-    axes = fig.subplots(2, 3).reshape(-1)
+    fig = Figure(figsize=(16, 6))
+    axes = fig.subplots(2, 4).reshape(-1)
+    for ax in axes[len(TRAINING_CURVES):]:
+        ax.set_axis_off()
     for ax, (key, title) in zip(axes, TRAINING_CURVES):
         pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
         if pts:

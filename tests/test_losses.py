@@ -241,13 +241,15 @@ def test_recpo_loss_over_micro_batches_is_the_batch_loss(agg: str) -> None:
         logp = torch.linspace(-3, -0.1, rows * width).view(rows, width).requires_grad_()
         users = torch.linspace(-1, 1, rows * hidden).view(rows, hidden).sin().requires_grad_()
         items = torch.linspace(-1, 1, 2 * hidden).view(2, hidden).cos().requires_grad_()
-        total = torch.zeros(())
+        total, ce = torch.zeros(()), torch.zeros(())
         for sl in chunks:
             loss, stats = objective(logp[sl], logp[sl].detach(), mask[sl], token_adv[sl], users[sl], items, index[sl],
                                     rec_w[sl], batch_rows=rows, batch_tokens=mask.sum(), max_len=width)
             torch.testing.assert_close(loss.detach(), stats["token_loss"] + 0.5 * stats["rec_loss"])
             loss.backward()
-            total = total + loss.detach()
+            total, ce = total + loss.detach(), ce + stats["rec_ce"]
+        # the logged cross-entropy is the unweighted rec loss: every row's, whatever its advantage
+        torch.testing.assert_close(ce, rec_infonce_loss(users.detach(), items.detach(), index, torch.ones(rows), 0.1))
         return total, logp.grad, users.grad
 
     whole = run([slice(0, rows)])
