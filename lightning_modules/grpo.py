@@ -181,9 +181,9 @@ class GRPOModule(PolicyModule):
                 )
                 self._check_finite("loss", loss, batch)
                 self.manual_backward(loss)
-                for key, value in {**stats, "loss": loss.detach()}.items():
-                    if key in ("loss", "token_loss", "rec_loss", "rec_ce"):
-                        totals[key] = totals.get(key, 0) + value
+                stats["loss"] = loss.detach()
+                for key in ("loss", "token_loss", "rec_loss", "rec_ce"):
+                    totals[key] = totals.get(key, 0) + stats[key]
             if items.grad is not None:
                 self.manual_backward((emb.float() * items.grad.float()).sum())
             if self.optim.grad_clip > 0:
@@ -241,9 +241,9 @@ class GRPOModule(PolicyModule):
         self, item_emb: torch.Tensor, item_ids: torch.Tensor, history: torch.Tensor,
         neg_ids: torch.Tensor | None, neg_emb: torch.Tensor,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Extra negatives of the rec loss for rows with `history` `[R, L]`: embeddings `[E, H]`, ids `[E]` and a per-row
-        mask `[R, E]` (True = history item, not a negative), or Nones when there are none. The sampled negatives
-        `neg_emb` `[K, H]` keep their gradient; other devices' in-batch targets arrive without."""
+        """Extra negatives of the rec loss for rows with `history` `[R, L]`: embeddings `[E, H]`, ids `[E]` and a
+        per-row mask `[R, E]` (True = history item, not a negative), or Nones when there are none. The sampled
+        negatives `neg_emb` `[K, H]` keep their gradient; other devices' in-batch targets arrive without."""
         if neg_ids is not None:
             return item_negatives(neg_emb, neg_ids, history)
         extra, extra_ids = self._other_ranks(item_emb.detach(), item_ids)

@@ -139,10 +139,11 @@ def rec_infonce_loss(
 
     user_emb `[R, H]`; item_emb `[M, H]` the UNIQUE in-batch target items of this device (with grad); target_index `[R]`
     into item_emb; weights `[R]` (A * relabel); extra_negatives `[E, H]` (sampled catalogue items, with grad, or other
-    devices' targets, gathered without; the loss keeps whatever gradient they carry). Logits are cos / tau over the M + E candidates. Loss = sum_r w_r * CE_r / R: the normaliser is the number
-    of rows R, zero-weight rows included. When item_ids `[M]` and extra_ids `[E]` are given, extra negatives that repeat
-    an in-batch item or an earlier extra negative are dropped, so no item is a candidate twice. extra_mask `[R, E]`
-    (True = not a candidate of that row) drops per-row extra negatives, e.g. the row's history items.
+    devices' targets, gathered without; the loss keeps whatever gradient they carry). Logits are cos / tau over the
+    M + E candidates. Loss = sum_r w_r * CE_r / R: the normaliser is the number of rows R, zero-weight rows included.
+    When item_ids `[M]` and extra_ids `[E]` are given, extra negatives that repeat an in-batch item or an earlier extra
+    negative are dropped, so no item is a candidate twice. extra_mask `[R, E]` (True = not a candidate of that row)
+    drops per-row extra negatives, e.g. the row's history items.
     """
     if tau <= 0:
         raise ConfigError(f"tau must be > 0, got {tau}")
