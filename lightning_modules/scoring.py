@@ -161,10 +161,9 @@ class ScoringModule(PolicyModule):
                 token_loss, _ = self.loss.token_loss(lp, lp.detach(), adv, sample.completion_mask)
                 h = self.policy.encode(useq[b : b + 1], umask[b : b + 1])
                 negatives, ids, blocked = catalog_negatives(catalog, history[b : b + 1])
-                rec_loss = self.loss.rec_loss(
+                rec_loss = self.loss.rec_ce(
                     h, catalog[target[b : b + 1]], torch.zeros(1, dtype=torch.long, device=h.device),
-                    torch.ones(1, device=h.device), extra_negatives=negatives, item_ids=target[b : b + 1],
-                    extra_ids=ids, extra_mask=blocked,
-                )
+                    extra_negatives=negatives, item_ids=target[b : b + 1], extra_ids=ids, extra_mask=blocked,
+                ).sum()  # one row, weight 1
                 vectors.append(parameter_space_vector(token_loss + rec_loss, params, hvp=self.hparams.lora_hvp))
         return self.projection(torch.stack(vectors))  # one pass over P for the batch: generating P dominates

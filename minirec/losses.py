@@ -124,24 +124,22 @@ def dedupe_targets(target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return unique, index
 
 
-def rec_infonce_loss(
+def rec_infonce_ce(
     user_emb: torch.Tensor,
     item_emb: torch.Tensor,
     target_index: torch.Tensor,
-    weights: torch.Tensor,
     tau: float = 0.02,
     extra_negatives: torch.Tensor | None = None,
     item_ids: torch.Tensor | None = None,
     extra_ids: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted InfoNCE of each user embedding against the in-batch target items (+ extra negatives).
+    """Per-row InfoNCE cross-entropy `[R]` of each user embedding against the in-batch target items (+ extra negatives).
 
     user_emb `[R, H]`; item_emb `[M, H]` the UNIQUE in-batch target items of this device (with grad); target_index `[R]`
-    into item_emb; weights `[R]` (A * relabel); extra_negatives `[E, H]` (sampled catalogue items, with grad, or other
-    devices' targets, gathered without; the loss keeps whatever gradient they carry). Logits are cos / tau over the
-    M + E candidates. Loss = sum_r w_r * CE_r / R: the normaliser is the number of rows R, zero-weight rows included.
-    When item_ids `[M]` and extra_ids `[E]` are given, extra negatives that repeat an in-batch item or an earlier extra
+    into item_emb; extra_negatives `[E, H]` (sampled catalogue items, with grad, or other devices' targets, gathered
+    without; the loss keeps whatever gradient they carry). Logits are cos / tau over the M + E candidates. When
+    item_ids `[M]` and extra_ids `[E]` are given, extra negatives that repeat an in-batch item or an earlier extra
     negative are dropped, so no item is a candidate twice. extra_mask `[R, E]` (True = not a candidate of that row)
     drops per-row extra negatives, e.g. the row's history items.
     """
@@ -161,8 +159,25 @@ def rec_infonce_loss(
     if extra_mask is not None:
         row_drop = torch.cat([extra_mask.new_zeros(extra_mask.shape[0], item_emb.shape[0]), extra_mask.bool()], dim=1)
         logits = logits.masked_fill(row_drop, float("-inf"))
-    ce = F.cross_entropy(logits, target_index.long(), reduction="none")
-    return (weights.float() * ce).sum() / user_emb.shape[0]
+    return F.cross_entropy(logits, target_index.long(), reduction="none")
+
+
+def rec_infonce_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    target_index: torch.Tensor,
+    weights: torch.Tensor,
+    tau: float = 0.02,
+    **negatives: torch.Tensor | None,
+) -> torch.Tensor:
+    """Weighted InfoNCE: sum_r w_r * CE_r / R over the rows' `rec_infonce_ce` (arguments there); weights `[R]`
+    (A * relabel). The normaliser is the number of rows R, zero-weight rows included."""
+    return weighted_rows(rec_infonce_ce(user_emb, item_emb, target_index, tau, **negatives), weights)
+
+
+def weighted_rows(ce: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_r w_r * ce_r / R for per-row losses ce and weights `[R]`."""
+    return (weights.float() * ce).sum() / ce.shape[0]
 
 
 def loss_weights(
@@ -268,11 +283,11 @@ class RecPOLoss(nn.Module):
         return policy_token_loss(logprobs, old_logprobs, advantages, completion_mask, c.eps_low, c.eps_high,
                                  agg=c.loss_agg, ref_logprobs=ref_logprobs, kl_beta=c.kl_beta, max_len=max_len)
 
-    def rec_loss(self, user_emb: torch.Tensor, item_emb: torch.Tensor, target_index: torch.Tensor,
-                 weights: torch.Tensor, **negatives: torch.Tensor | None) -> torch.Tensor:
-        """`rec_infonce_loss` at this objective's temperature; `negatives`: its extra_negatives / item_ids /
-        extra_ids / extra_mask (shapes there)."""
-        return rec_infonce_loss(user_emb, item_emb, target_index, weights, self.tau, **negatives)
+    def rec_ce(self, user_emb: torch.Tensor, item_emb: torch.Tensor, target_index: torch.Tensor,
+               **negatives: torch.Tensor | None) -> torch.Tensor:
+        """Per-row `rec_infonce_ce` `[r]` at this objective's temperature; `negatives`: its extra_negatives /
+        item_ids / extra_ids / extra_mask (shapes there). The rec loss weights these rows (`weighted_rows`)."""
+        return rec_infonce_ce(user_emb, item_emb, target_index, self.tau, **negatives)
 
     def forward(
         self,
@@ -295,18 +310,17 @@ class RecPOLoss(nn.Module):
         logprobs / old_logprobs / ref_logprobs / completion_mask `[r, T]`; token_adv, rec_weights, target_index `[r]`
         (from `weights`); user_emb `[r, H]` with grad; item_emb `[M, H]` the unique in-batch targets with grad;
         batch_rows R and batch_tokens (completion tokens of the whole batch) set the shares; max_len the batch's
-        completion width (`dr_grpo`); `negatives` as in `rec_loss`. Stats: token_loss, rec_loss and rec_ce (the rec
+        completion width (`dr_grpo`); `negatives` as in `rec_ce`. Stats: token_loss, rec_loss and rec_ce (the rec
         loss with every weight 1: the target's cross-entropy among the candidates; each times its share, so they add
         up over micro-batches), clip_frac, ratio_mean, kl.
         """
         rows = logprobs.shape[0]
         tok, stats = self.token_loss(logprobs, old_logprobs, token_adv, completion_mask, ref_logprobs, max_len)
-        rec = self.rec_loss(user_emb, item_emb, target_index, rec_weights, **negatives)
+        ce = self.rec_ce(user_emb, item_emb, target_index, **negatives)
+        rec = weighted_rows(ce, rec_weights)
         token_share = completion_mask.sum() / batch_tokens if self.config.loss_agg == "token_mean" else rows / batch_rows
         rec_share = rows / batch_rows
         loss = tok * token_share + self.config.rec_loss_weight * rec * rec_share
-        with torch.no_grad():  # how well each row's user embedding picks its target out of the candidates
-            ce = self.rec_loss(user_emb, item_emb, target_index, torch.ones_like(rec_weights), **negatives)
         stats = {**stats, "token_loss": (tok * token_share).detach(), "rec_loss": (rec * rec_share).detach(),
-                 "rec_ce": ce * rec_share}
+                 "rec_ce": ce.detach().mean() * rec_share}  # how well each row's user embedding picks its target
         return loss, stats

@@ -27,10 +27,11 @@ def make_dm(tmp_path: Path, **kw) -> RecDataModule:
     return RecDataModule(**{**args, **kw})
 
 
-def make_module(**optim) -> GRPOModule:
+def make_module(loss: LossConfig | None = None, **optim) -> GRPOModule:
     return GRPOModule(
         policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0),
         sampling=SamplingConfig(group_size=2, max_new_tokens=4),
+        loss=loss or LossConfig(),
         optim=OptimConfig(**{"lr": 3e-3, "micro_batch_size": 8, **optim}),
         eval_max_new_tokens=4,
     )
@@ -69,12 +70,7 @@ def test_update_does_not_depend_on_the_micro_batch_size(tmp_path: Path) -> None:
     grads = []
     for mb in (8, 4, 2):
         L.seed_everything(0)
-        module = GRPOModule(
-            policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0),
-            sampling=SamplingConfig(group_size=2, max_new_tokens=4),
-            loss=LossConfig(rec_negatives="sampled", sampled_negatives=8),
-            optim=OptimConfig(lr=1e-2, micro_batch_size=mb), eval_max_new_tokens=4,
-        )
+        module = make_module(lr=1e-2, micro_batch_size=mb, loss=LossConfig(rec_negatives="sampled", sampled_negatives=8))
         record = LoraGrads()
         trainer(tmp_path / str(mb), max_steps=1, limit_val_batches=0, enable_checkpointing=False,
                 callbacks=[record]).fit(module, datamodule=make_dm(tmp_path, train_batch_size=4))
@@ -198,12 +194,7 @@ def test_sampled_negatives_are_encoded_by_the_current_model_with_gradient(tmp_pa
     with gradient (regression: cached-catalogue negatives, and then fresh but detached ones, let the rec loss fall by
     a shift common to every item, pulling all targets towards the users alike, which ranks nothing better)."""
     L.seed_everything(0)
-    module = GRPOModule(
-        policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0),
-        sampling=SamplingConfig(group_size=2, max_new_tokens=4), loss=LossConfig(rec_negatives="sampled",
-                                                                                 sampled_negatives=8),
-        optim=OptimConfig(lr=3e-2, micro_batch_size=8), eval_max_new_tokens=4,
-    )
+    module = make_module(lr=3e-2, loss=LossConfig(rec_negatives="sampled", sampled_negatives=8))
     seen = []
     real = module.loss.forward
 
