@@ -3,19 +3,23 @@
 On MovieLens-100K prompts (k-core 50), for each model and base-weight dtype (float32, and bfloat16 where the CPU has
 fast bf16):
 - the machine's bound, measured here: peak matmul GFLOP/s per dtype and memory bandwidth (GB/s, a large copy);
-- rollout tokens/s of `Policy.generate` (sampling, G completions per prompt) for prompt batches B up to B x G = 64,
-  against the decode roofline: each decode step reads every weight once and does 2 FLOPs per weight per sequence, so
+- rollout tokens/s of each rollout engine (`hf`: `Policy.generate`; `vllm`: the vLLM engine, where installed) when
+  sampling G completions per prompt, for prompt batches B up to B x G = 64, against the decode roofline: each decode
+  step reads every weight once and does 2 FLOPs per weight per sequence, so
   tokens/s <= min(B x G x bandwidth / weight bytes, peak FLOP/s / (2 x params));
 - prefill tokens/s (one forward over B prompts) against the FLOP bound peak / (2 x params);
 - forward + backward of B x G rollouts as G joined sequences per prompt vs each prompt run once with its G
   completions (the training path), on the same completions;
-- samples/s of a GRPOModule `training_step` (G rollouts, rewards, backward, optimizer step) with its time breakdown
+- samples/s of a GRPOModule `training_step` (G rollouts, rewards, backward, optimizer step) per dtype and engine, with
+  its time breakdown
   (generation; old log-prob / embedding forward and rewards; loss forward, backward and optimizer; catalogue-row
   refresh), and of the ScoringModule's `predict_step` (N rollouts, greedy pass, representativeness in the `hidden`
   and `lora` spaces) on the same samples, in the default (`auto`) dtype; each run by a Lightning Trainer, B per
   batch, the first batch a warm-up and not counted.
 
-    python benchmarks/throughput.py [--quick] [--out benchmarks/results/throughput]
+    python benchmarks/throughput.py [--quick] [--engines hf vllm] [--out benchmarks/results/throughput]
+
+(`--engines hf vllm` in the vLLM environment, `.venv-vllm/bin/python`, compares both engines in one run.)
 
 Writes throughput.csv, throughput.md, rollout_tokens_per_s.png and scoring_vs_training.png into --out.
 """
@@ -23,6 +27,8 @@ Writes throughput.csv, throughput.md, rollout_tokens_per_s.png and scoring_vs_tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
 import shlex
 import statistics
@@ -46,8 +52,9 @@ from minirec.policy import Policy, PolicyConfig, auto_dtype
 from minirec.processing import ProcessingConfig
 from minirec.prompts import PromptConfig
 from minirec.recpo import SamplingConfig
+from minirec.vllm_engine import VLLMEngine
 
-COLUMNS = ("model", "dtype", "measure", "batch", "group", "max_new_tokens", "runs", "seconds", "tokens",
+COLUMNS = ("model", "dtype", "engine", "measure", "batch", "group", "max_new_tokens", "runs", "seconds", "tokens",
            "tokens_per_s", "samples_per_s", "bound_tokens_per_s", "share_of_bound", "time_generate_s",
            "time_score_s", "time_update_s", "time_refresh_s")  # fmt: skip
 TOKEN_MEASURES = ("rollout", "prefill", "fwd+bwd joined", "fwd+bwd prefix-shared")  # rows of the tokens/s table
@@ -62,6 +69,7 @@ class Plan:
 
     models: tuple[tuple[str, int], ...]
     dtypes: tuple[str, ...]
+    engines: tuple[str, ...]
     rollout_batches: tuple[int, ...]
     group: int
     max_new_tokens: int
@@ -71,12 +79,13 @@ class Plan:
     copy_mib: int
 
 
-def make_plan(quick: bool) -> Plan:
+def make_plan(quick: bool, engines: tuple[str, ...] = ("hf",)) -> Plan:
     if quick:
-        return Plan(models=(("tiny-random-qwen2", 2),), dtypes=("float32",), rollout_batches=(1, 2), group=2,
+        return Plan(models=(("tiny-random-qwen2", 2),), dtypes=("float32",), engines=engines, rollout_batches=(1, 2),
+                    group=2,
                     max_new_tokens=4, steps=2, repeats=1, matmul_size=256, copy_mib=16)
     dtypes = ("float32", "bfloat16") if auto_dtype() == "bfloat16" else ("float32",)
-    return Plan(models=(("tiny-random-qwen2", 8), ("smollm2-135m-instruct", 4)), dtypes=dtypes,
+    return Plan(models=(("tiny-random-qwen2", 8), ("smollm2-135m-instruct", 4)), dtypes=dtypes, engines=engines,
                 rollout_batches=(1, 4, 16), group=4, max_new_tokens=32, steps=3, repeats=2, matmul_size=2048,
                 copy_mib=512)
 
@@ -145,31 +154,48 @@ def _policy_config(model: str, dtype: str = "auto") -> PolicyConfig:
     return PolicyConfig(pretrained=model, lora_r=8, lora_alpha=16, lora_dropout=0.0, dtype=dtype)
 
 
+def _rollout_tokens(policy: Policy, engine: VLLMEngine | None, ids: torch.Tensor, mask: torch.Tensor, group: int,
+                    max_new_tokens: int) -> int:
+    """Sample `group` completions per prompt with the policy (engine None) or the vLLM engine: completion tokens (as
+    training gets them, each ending with the marker)."""
+    if engine is None:
+        return int(policy.generate(ids, mask, num_samples=group, max_new_tokens=max_new_tokens)[1].sum())
+    generated = engine.generate(policy, ids, mask, group, temperature=1.5, top_k=200, top_p=1.0,
+                                max_new_tokens=max_new_tokens)
+    return int(policy.completions(generated, ids.device)[1].sum())
+
+
 def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dict[str, float]) -> list[dict[str, Any]]:
-    """Generated tokens/s of sampled rollouts for each prompt batch size (median over repeats), and prefill tokens/s of
-    the largest batch, each against its bound."""
+    """Generated tokens/s of sampled rollouts for each engine and prompt batch size (median over repeats), and prefill
+    tokens/s of the largest batch, each against its bound."""
     policy = Policy(_policy_config(model, dtype))
     params, weight_bytes = _weights(policy)
     flop_bound = bounds[f"gflops_{dtype}"] * 1e9 / (2 * params)  # tokens/s
     batch = next(iter(_datamodule(model, cache, max(plan.rollout_batches), max(plan.rollout_batches))
                       .predict_dataloader()))
-    common = {"model": model, "dtype": dtype, "group": plan.group, "max_new_tokens": plan.max_new_tokens}
+    common = {"model": model, "dtype": dtype, "engine": "hf", "group": plan.group,
+              "max_new_tokens": plan.max_new_tokens}
     rows = []
     with torch.no_grad():
-        policy.generate(batch["prompt_ids"][:1], batch["prompt_mask"][:1], num_samples=1, max_new_tokens=2)  # warm-up
-        for b in plan.rollout_batches:
-            runs = []
-            for r in range(plan.repeats):
-                torch.manual_seed(r)
-                start = time.perf_counter()
-                _, mask = policy.generate(batch["prompt_ids"][:b], batch["prompt_mask"][:b], num_samples=plan.group,
-                                          max_new_tokens=plan.max_new_tokens)
-                runs.append((time.perf_counter() - start, int(mask.sum())))
-            seconds, tokens = statistics.median(s for s, _ in runs), statistics.median(t for _, t in runs)
-            bound = min(b * plan.group * bounds["bandwidth_gbs"] * 1e9 / weight_bytes, flop_bound)
-            rows.append({**common, "measure": "rollout", "batch": b, "runs": len(runs), "seconds": seconds,
-                         "tokens": tokens, "tokens_per_s": tokens / seconds, "samples_per_s": b / seconds,
-                         "bound_tokens_per_s": bound, "share_of_bound": tokens / seconds / bound})
+        for name in plan.engines:
+            engine = None if name == "hf" else VLLMEngine(policy, kv_cache_gb=2.0, max_model_len=1024)
+            _rollout_tokens(policy, engine, batch["prompt_ids"][:1], batch["prompt_mask"][:1], 1, 2)  # warm-up
+            for b in plan.rollout_batches:
+                runs = []
+                for r in range(plan.repeats):
+                    torch.manual_seed(r)
+                    start = time.perf_counter()
+                    tokens = _rollout_tokens(policy, engine, batch["prompt_ids"][:b], batch["prompt_mask"][:b],
+                                             plan.group, plan.max_new_tokens)
+                    runs.append((time.perf_counter() - start, tokens))
+                seconds, tokens = statistics.median(s for s, _ in runs), statistics.median(t for _, t in runs)
+                bound = min(b * plan.group * bounds["bandwidth_gbs"] * 1e9 / weight_bytes, flop_bound)
+                rows.append({**common, "engine": name, "measure": "rollout", "batch": b, "runs": len(runs),
+                             "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                             "samples_per_s": b / seconds, "bound_tokens_per_s": bound,
+                             "share_of_bound": tokens / seconds / bound})
+            if engine is not None:
+                engine.close()
         ids, mask = batch["prompt_ids"], batch["prompt_mask"]
         seconds = _best_seconds(lambda: policy.model(input_ids=ids, attention_mask=mask), plan.repeats)
         tokens = int(mask.sum())
@@ -221,26 +247,26 @@ def _timed(trainer_kw: dict[str, Any], run) -> StepTimer:
 
 
 def measure_steps(model: str, batch: int, plan: Plan, cache: str, work: Path) -> list[dict[str, Any]]:
-    """Samples/s of a training step in each dtype (with its time breakdown), and of scoring (hidden and lora spaces)
-    in the default dtype, over the same `batch`·`steps` samples."""
+    """Samples/s of a training step in each dtype and engine (with its time breakdown), and of scoring (hidden and
+    lora spaces) in the default dtype, over the same `batch`·`steps` samples."""
     pool = batch * plan.steps
-    sampling = SamplingConfig(group_size=plan.group, max_new_tokens=plan.max_new_tokens)
+    sampling = SamplingConfig(group_size=plan.group, max_new_tokens=plan.max_new_tokens, vllm_max_model_len=1024)
     ids = _datamodule(model, cache, batch, pool).predict_pool_ids()
     selection = work / f"{model}_pool.json"
     atomic_write_json(selection, {"fingerprint": PROCESSING.fingerprint(), "ids": ids, "stages": [0] * len(ids),
                                   "curriculum": "none"})
     common = {"model": model, "batch": batch, "group": plan.group, "max_new_tokens": plan.max_new_tokens}
     rows = []
-    for dtype in plan.dtypes:
-        module = GRPOModule(_policy_config(model, dtype), sampling,
+    for dtype, engine in itertools.product(plan.dtypes, plan.engines):
+        module = GRPOModule(_policy_config(model, dtype), dataclasses.replace(sampling, engine=engine),
                             optim=OptimConfig(lr=1e-4, micro_batch_size=batch * plan.group),
                             eval_max_new_tokens=plan.max_new_tokens)
         dm = _datamodule(model, cache, batch, pool, subset=str(selection))
         timer = _timed({"max_steps": plan.steps, "limit_val_batches": 0, "default_root_dir": str(work)},
-                       lambda t: t.fit(module, datamodule=dm))
+                       lambda t: t.fit(module, datamodule=dm))  # the first step (a warm-up) starts the vLLM engine
         seconds = statistics.mean(timer.seconds)
-        rows.append({**common, "dtype": dtype, "measure": "training step", "runs": len(timer.seconds),
-                     "seconds": seconds, "samples_per_s": batch / seconds,
+        rows.append({**common, "dtype": dtype, "engine": engine, "measure": "training step",
+                     "runs": len(timer.seconds), "seconds": seconds, "samples_per_s": batch / seconds,
                      **{k: statistics.mean(b[k] for b in timer.breakdown) for k in BREAKDOWN}})
     dtype = auto_dtype()
     for space in ("hidden", "lora"):
@@ -249,8 +275,8 @@ def measure_steps(model: str, batch: int, plan: Plan, cache: str, work: Path) ->
         dm = _datamodule(model, cache, batch, pool)
         seconds = statistics.mean(_timed({}, lambda t: t.predict(module, datamodule=dm, return_predictions=False))
                                   .seconds)
-        rows.append({**common, "dtype": dtype, "measure": f"scoring ({space})", "runs": plan.steps - 1,
-                     "seconds": seconds, "samples_per_s": batch / seconds})
+        rows.append({**common, "dtype": dtype, "engine": "hf", "measure": f"scoring ({space})",
+                     "runs": plan.steps - 1, "seconds": seconds, "samples_per_s": batch / seconds})
     return rows
 
 
@@ -264,11 +290,11 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    lines = list(dict.fromkeys((r["model"], r["dtype"]) for r in rows if r["measure"] == "rollout"))
-    for i, (model, dtype) in enumerate(lines):
-        line = [r for r in rows if (r["model"], r["dtype"], r["measure"]) == (model, dtype, "rollout")]
+    lines = list(dict.fromkeys((r["model"], r["dtype"], r["engine"]) for r in rows if r["measure"] == "rollout"))
+    for i, (model, dtype, engine) in enumerate(lines):
+        line = [r for r in rows if r["measure"] == "rollout" and (r["model"], r["dtype"], r["engine"]) == lines[i]]
         x = [r["batch"] * r["group"] for r in line]
-        ax.plot(x, [r["tokens_per_s"] for r in line], "o-", color=f"C{i}", label=f"{model} {dtype}")
+        ax.plot(x, [r["tokens_per_s"] for r in line], "o-", color=f"C{i}", label=f"{model} {dtype} {engine}")
         ax.plot(x, [r["bound_tokens_per_s"] for r in line], "--", color=f"C{i}", alpha=0.6)
     ax.set(xscale="log", yscale="log", xlabel="sequences per generate call (B x G)", ylabel="generated tokens / s",
            title="Rollout throughput (CPU); dashed: decode bound")
@@ -281,7 +307,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
         steps = [r for r in rows if r["model"] == model and r["measure"] not in TOKEN_MEASURES]
-        labels = [f"{r['measure']}\n{r['dtype']}" for r in steps]
+        labels = [f"{r['measure']}\n{r['dtype']} {r['engine']}" for r in steps]
         for j, r in enumerate(steps):
             if r["measure"] != "training step":
                 ax.bar(j, r["seconds"], color="C7")
@@ -303,7 +329,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dict[str, Any],
                    bounds: dict[str, float]) -> None:
     steps = [r for r in rows if r["measure"] not in TOKEN_MEASURES]
-    base = {r["model"]: r["samples_per_s"] for r in steps if (r["measure"], r["dtype"]) == ("training step", "float32")}
+    base = {r["model"]: r["samples_per_s"] for r in steps
+            if (r["measure"], r["dtype"], r["engine"]) == ("training step", "float32", "hf")}
     steps = [{**r, "vs_training": r["samples_per_s"] / base[r["model"]]} for r in steps]
     bound_line = ", ".join([f"peak matmul {bounds[f'gflops_{d}']:.0f} GFLOP/s in {d}" for d in plan.dtypes]
                            + [f"copy bandwidth {bounds['bandwidth_gbs']:.1f} GB/s"])
@@ -319,16 +346,18 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dic
         "(4 x params) per token run. `joined` runs G prompt + completion sequences per prompt, `prefix-shared` each "
         "prompt once with its G completions (the training path); tokens = tokens run.", "",
         markdown_table([r for r in rows if r["measure"] in TOKEN_MEASURES], {
-            "model": "model", "dtype": "dtype", "measure": "measure", "batch": "prompts B", "group": "G",
+            "model": "model", "dtype": "dtype", "engine": "engine", "measure": "measure", "batch": "prompts B",
+            "group": "G",
             "tokens": "tokens", "seconds": "seconds (median / best)", "tokens_per_s": "tokens/s",
             "bound_tokens_per_s": "bound tokens/s", "share_of_bound": "share of bound"}), "",
         "## A RecPO training step (with its time breakdown) and scoring, on the same samples", "",
         f"Mean over {plan.steps - 1} batch(es) after one warm-up batch, run by a Lightning Trainer. Breakdown: "
         "generate = sampling the rollouts; score = old log-probs, user embeddings and rewards; update = loss forward, "
         "backward and optimizer; refresh = re-encoding the batch's catalogue rows.", "",
-        markdown_table(steps, {"model": "model", "dtype": "dtype", "measure": "measure", "batch": "samples per batch",
+        markdown_table(steps, {"model": "model", "dtype": "dtype", "engine": "engine", "measure": "measure",
+                               "batch": "samples per batch",
                                "seconds": "s per batch", "samples_per_s": "samples/s",
-                               "vs_training": "vs float32 training step", "time_generate_s": "generate s",
+                               "vs_training": "vs float32 hf training step", "time_generate_s": "generate s",
                                "time_score_s": "score s", "time_update_s": "update s",
                                "time_refresh_s": "refresh s"}), "",
         "![rollout tokens/s](rollout_tokens_per_s.png)", "", "![scoring vs training](scoring_vs_training.png)", "",
@@ -341,9 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, tiny sizes (seconds), for tests")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput"), help="output folder")
     parser.add_argument("--cache_dir", default="data_cache", help="processed-dataset cache")
+    parser.add_argument("--engines", nargs="+", choices=("hf", "vllm"), default=["hf"],
+                        help="rollout engines to compare (vllm: needs vLLM, scripts/setup.sh vllm)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    plan = make_plan(args.quick)
+    plan = make_plan(args.quick, tuple(args.engines))
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     bounds = hardware_bounds(plan)

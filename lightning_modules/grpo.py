@@ -147,7 +147,7 @@ class GRPOModule(PolicyModule):
             self.catalog = self.encode_catalog()
 
         t0 = time.perf_counter()
-        ro = sample_rollouts(self.policy, batch, self.sampling)
+        ro = sample_rollouts(self.policy, batch, self.sampling, engine=self.rollout_engine(self.sampling))
         t1 = time.perf_counter()
         old_lp, h = rollout_forward(self.policy, ro, mb)
         ref_lp = None

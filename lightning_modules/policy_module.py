@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -13,6 +14,9 @@ import torch
 from minirec.io import ConfigError, allow_in_checkpoints
 from minirec.policy import Policy, PolicyConfig, eval_mode
 from minirec.recpo import RewardConfig, SamplingConfig
+
+if TYPE_CHECKING:
+    from minirec.vllm_engine import VLLMEngine
 
 allow_in_checkpoints(PolicyConfig, SamplingConfig, RewardConfig)
 
@@ -36,6 +40,23 @@ class PolicyModule(L.LightningModule):
         self.policy = Policy(policy)
         self.catalog: torch.Tensor | None = None  # [N+1, H], row 0 = padding
         self.run_seed = torch.initial_seed()
+        self._engine: VLLMEngine | None = None  # the vLLM rollout engine, started at the first rollout that needs it
+
+    def rollout_engine(self, sampling: SamplingConfig) -> VLLMEngine | None:
+        """The engine that samples rollouts: None for `sampling.engine: hf` (the policy itself), else this process's
+        vLLM engine, started on first use (it loads the base model once more)."""
+        if sampling.engine == "hf":
+            return None
+        if self._engine is None:
+            from minirec.vllm_engine import VLLMEngine
+
+            self._engine = VLLMEngine(self.policy, sampling.vllm_kv_cache_gb, sampling.vllm_max_model_len)
+        return self._engine
+
+    def teardown(self, stage: str) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     def setup(self, stage: str) -> None:
         """The datamodule must render prompts the way this policy reads them: the same answer marker and a tokenizer

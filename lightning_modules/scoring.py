@@ -116,7 +116,7 @@ class ScoringModule(PolicyModule):
         """Returns sample_id [B], rewards [B, N], mean_reward [B], user_emb [B, H], rep_vec [B, D]."""
         n = self.sampling.group_size
         reseed(self.run_seed, int(batch["sample_id"][0]))  # a resumed scoring run draws what an unbroken one does
-        ro = sample_rollouts(self.policy, batch, self.sampling)
+        ro = sample_rollouts(self.policy, batch, self.sampling, engine=self.rollout_engine(self.sampling))
         _, h_roll = rollout_forward(self.policy, ro, ro.rows)
         rewards, _ = score_rollouts(h_roll, self.catalog, ro.target, ro.history, self.reward)
         user_emb, user_seq, user_mask = self.user_embeddings(batch)

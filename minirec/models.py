@@ -49,13 +49,14 @@ def _convert_smollm2(folder: Path) -> None:
 
 
 def _build_tiny(model_type: str, folder: Path) -> None:
-    """A 2-layer, hidden-64 `model_type` model with seeded random weights and the SmolLM2 tokenizer."""
+    """A 2-layer, hidden-64 `model_type` model with seeded random weights and the SmolLM2 tokenizer (head size 32,
+    the smallest vLLM's CPU attention takes)."""
     tokenizer = load_tokenizer(SMOLLM2)
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
     config = AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=2048, **special,
+        model_type, vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, intermediate_size=128, max_position_embeddings=2048, **special,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TINY_SEED)

@@ -174,7 +174,7 @@ class Policy(torch.nn.Module):
         return ids
 
     @property
-    def _stop_ids(self) -> set[int]:
+    def stop_ids(self) -> set[int]:
         """EOS ids of the tokenizer and the model's generation config."""
         eos = self.model.generation_config.eos_token_id
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -204,7 +204,7 @@ class Policy(torch.nn.Module):
         reproducible samples.
         """
         pad = self.tokenizer.pad_token_id
-        stop_ids = self._stop_ids
+        stop_ids = self.stop_ids
         with eval_mode(self):
             if do_sample:
                 out = self._sample(input_ids, attention_mask, num_samples, temperature, top_k, top_p, max_new_tokens)
@@ -218,16 +218,22 @@ class Policy(torch.nn.Module):
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                           stopping_criteria=StoppingCriteriaList([stop]))
                 out = out.repeat_interleave(num_samples, dim=0)
-        cut = stop_ids | {pad}  # generate pads the rows that stopped early
-        new = out[:, input_ids.shape[1] :].tolist()
-        rows = [finish_completion(r, self.tokenizer, self.answer_marker, cut) for r in new]
+        return self.completions(out[:, input_ids.shape[1] :].tolist(), input_ids.device)
+
+    def completions(self, generated: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Generated token lists (from any engine; padding and anything after an EOS or the first marker ignored) ->
+        completion_ids `[R, T]` right-padded with the pad token and completion_mask `[R, T]`, each row ending with the
+        marker's own ids (`finish_completion`)."""
+        pad = self.tokenizer.pad_token_id
+        cut = self.stop_ids | {pad}  # generate pads the rows that stopped early
+        rows = [finish_completion(r, self.tokenizer, self.answer_marker, cut) for r in generated]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
-        return ids.to(input_ids.device), mask.to(input_ids.device)
+        return ids.to(device), mask.to(device)
 
     def _sample(
         self,
@@ -253,7 +259,7 @@ class Policy(torch.nn.Module):
             + ([TopKLogitsWarper(top_k)] if top_k else [])
             + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
         )
-        stops = torch.tensor(sorted(self._stop_ids), dtype=torch.long, device=input_ids.device)
+        stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=input_ids.device)
         stop = MarkerStop(self.tokenizer, self.answer_marker, input_ids.shape[1])
         mask = None if attention_mask.all() else attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from minirec.io import ConfigError
 from minirec.policy import Policy, eval_mode
 from minirec.rewards import mask_history, recpo_reward, score_items, target_rank
+
+if TYPE_CHECKING:
+    from minirec.vllm_engine import VLLMEngine
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,10 @@ class SamplingConfig:
         top_k: top-k filter (0 = off).
         top_p: nucleus filter (1.0 = off).
         max_new_tokens: longest reasoning, in tokens, before the marker is appended.
+        engine: what samples the rollouts: "hf" (the policy itself, each prompt prefilled once for its G samples) or
+            "vllm" (a vLLM engine in this process following the policy's LoRA weights; `minirec.vllm_engine`).
+        vllm_kv_cache_gb: memory of the vLLM engine's KV cache (CPU RAM or GPU memory).
+        vllm_max_model_len: longest prompt + reasoning the vLLM engine accepts, in tokens.
     """
 
     group_size: int = 4
@@ -30,6 +38,9 @@ class SamplingConfig:
     top_k: int = 200
     top_p: float = 1.0
     max_new_tokens: int = 256
+    engine: str = "hf"
+    vllm_kv_cache_gb: float = 2.0
+    vllm_max_model_len: int = 4096
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -38,6 +49,11 @@ class SamplingConfig:
             raise ConfigError(f"sampling.max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
             raise ConfigError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if self.engine not in ("hf", "vllm"):
+            raise ConfigError(f"sampling.engine must be 'hf' or 'vllm', got {self.engine!r}")
+        if self.vllm_kv_cache_gb <= 0 or self.vllm_max_model_len <= self.max_new_tokens:
+            raise ConfigError(f"sampling.vllm_kv_cache_gb must be > 0 and sampling.vllm_max_model_len > "
+                              f"max_new_tokens, got {self.vllm_kv_cache_gb} and {self.vllm_max_model_len}")
 
 
 @dataclass(frozen=True)
@@ -121,15 +137,19 @@ class Rollouts:
 
 
 def sample_rollouts(policy: Policy, batch: dict[str, torch.Tensor], sampling: SamplingConfig,
-                    num_samples: int | None = None) -> Rollouts:
+                    num_samples: int | None = None, engine: VLLMEngine | None = None) -> Rollouts:
     """Sample `num_samples` (default G = sampling.group_size) completions per prompt of `batch` (`prompt_ids` /
-    `prompt_mask` `[B, P]`, `target` `[B]`, `history` `[B, L]`). The sampling draws from torch's global generator
-    (seed it with `reseed`)."""
+    `prompt_mask` `[B, P]`, `target` `[B]`, `history` `[B, L]`) with the policy, or with `engine` when given (which
+    first takes the policy's current LoRA weights). The sampling draws from torch's global generator (seed it with
+    `reseed`)."""
     n = num_samples or sampling.group_size
-    comp, comp_mask = policy.generate(
-        batch["prompt_ids"], batch["prompt_mask"], num_samples=n, do_sample=True, temperature=sampling.temperature,
-        top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
-    )
+    args = dict(num_samples=n, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                max_new_tokens=sampling.max_new_tokens)
+    if engine is None:
+        comp, comp_mask = policy.generate(batch["prompt_ids"], batch["prompt_mask"], do_sample=True, **args)
+    else:
+        generated = engine.generate(policy, batch["prompt_ids"], batch["prompt_mask"], **args)
+        comp, comp_mask = policy.completions(generated, batch["prompt_ids"].device)
     rep = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731  [B, ...] -> [B x G, ...]
     return Rollouts(batch["prompt_ids"], batch["prompt_mask"], comp, comp_mask, rep(batch["target"]),
                     rep(batch["history"]))

@@ -9,6 +9,7 @@ non-finite embeddings. Cases with a model use tiny-random-qwen2 on a small synth
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -272,6 +273,16 @@ def lightning_args(subcommand: str, root: Path, cache: Path, *extra: str, model:
             "--data.item_batch_size", "16", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.default_root_dir", str(root), *extra]
+
+
+def test_bad_rollout_engine(capsys, tmp_path: Path, cache: Path) -> None:
+    """An unknown `sampling.engine`, and `vllm` where vLLM is not installed, end the fit with one line naming it."""
+    fails(capsys, lightning_args("fit", tmp_path / "a", cache, "--model.sampling.engine", "sglang"),
+          r"^error: sampling\.engine must be 'hf' or 'vllm', got 'sglang'$", cache)
+    if importlib.util.find_spec("vllm") is None:
+        fails(capsys, lightning_args("fit", tmp_path / "b", cache, "--model.sampling.engine", "vllm",
+                                     "--trainer.max_steps", "1"),
+              r"^error: sampling\.engine=vllm needs vLLM .*: pip install 'minirec\[vllm\]'", cache)
 
 
 class Foreign:

@@ -45,6 +45,6 @@ def test_quick_run(bench, tmp_path: Path) -> None:
     assert all(p >= 0 for p in parts) and 0 < sum(parts) <= float(steps["training step"]["seconds"])
     md = (out / "throughput.md").read_text()
     assert "Measured bound of this machine: peak matmul" in md and "share of bound" in md
-    assert "vs float32 training step" in md and "throughput.py --quick" in md
+    assert "vs float32 hf training step" in md and "throughput.py --quick" in md
     for png in ("rollout_tokens_per_s.png", "scoring_vs_training.png"):
         assert (out / png).stat().st_size > 10_000

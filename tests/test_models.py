@@ -70,7 +70,7 @@ def test_tiny_preset_builds_once_and_reloads(cache, name, tmp_path):
     config = AutoConfig.from_pretrained(folder)
     tok = load_tokenizer(name)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            config.intermediate_size) == (64, 2, 4, 2, 128)
+            config.intermediate_size) == (64, 2, 2, 1, 128)
     assert config.vocab_size == len(tok) and config.eos_token_id == tok.eos_token_id
     assert tok.get_vocab() == load_tokenizer(SMOLLM2).get_vocab() and tok.chat_template
     model = AutoModelForCausalLM.from_pretrained(folder)

@@ -137,7 +137,7 @@ def plain_generate(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, num_sa
     settings, stop ids and marker stop of `Policy.generate`: the sequences `[B x G, P + T]`."""
     config = GenerationConfig(do_sample=True, num_return_sequences=num_samples, temperature=1.5, top_k=200, top_p=1.0,
                               max_new_tokens=max_new_tokens, pad_token_id=policy.tokenizer.pad_token_id,
-                              eos_token_id=sorted(policy._stop_ids), repetition_penalty=1.0)
+                              eos_token_id=sorted(policy.stop_ids), repetition_penalty=1.0)
     stop = MarkerStop(policy.tokenizer, policy.answer_marker, ids.shape[1])
     return policy.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                  stopping_criteria=StoppingCriteriaList([stop]))
@@ -174,7 +174,7 @@ def test_shared_prefill_sampling_draws_the_plain_generate_samples(arch, marker):
     assert not torch.equal(*runs)
     torch.manual_seed(1)
     comp, cmask = policy.generate(ids, mask, num_samples=4, max_new_tokens=12)
-    cut = policy._stop_ids | {policy.tokenizer.pad_token_id}
+    cut = policy.stop_ids | {policy.tokenizer.pad_token_id}
     assert real_rows(comp, cmask) == [finish_completion(r, policy.tokenizer, marker, cut)
                                       for r in plain[:, ids.shape[1] :].tolist()]
     if marker == "e":  # some rows stopped at the marker before others

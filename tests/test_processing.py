@@ -146,6 +146,19 @@ def test_5core_csv_default_and_without_price(amazon_dir: Path) -> None:
     assert stats["samples"] == {"train": 1825, "valid": 228, "test": 229}  # the without-price run, for the record
 
 
+def test_beauty_preset_on_the_official_5core_file(amazon_dir: Path) -> None:
+    """configs/data/amazon-beauty/processing.yaml on the official All_Beauty 5-core file: every rating kept, each
+    user's last item in test and second last in valid (253 each), the rest in train, as its comments say."""
+    import yaml
+
+    preset = yaml.safe_load((Path(__file__).parents[1] / "configs/data/amazon-beauty/processing.yaml").read_text())
+    data, stats = run(beauty(amazon_dir, **{k: v for k, v in preset.items() if k not in ("dataset", "data_dir")}))
+    assert (stats["users"], stats["items"], stats["interactions"]) == (253, 356, 2535)
+    assert stats["samples"] == {"train": 1776, "valid": 253, "test": 253}
+    test = data["test"].to_pandas()
+    assert test["user_id"].is_unique and len(test) == 253
+
+
 def test_window_backoff_stops_at_min_items(amazon_dir: Path) -> None:
     raw = pd.read_csv(amazon_dir / BEAUTY_CSV)
     ts = raw["timestamp"] // 1000
