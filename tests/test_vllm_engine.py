@@ -1,12 +1,13 @@
 """The vLLM rollout engine (`sampling.engine: vllm`): it samples from the policy being trained (LoRA weights synced
 after every update), its rollouts repeat under a seed and end with the marker, and RecPO learns with them.
 
-Runs where vLLM is installed (CI's vLLM environment, `scripts/test_vllm.sh`, sets MINIREC_REQUIRE_VLLM=1 so that a
+Runs where vLLM is installed (`scripts/test.sh` runs it in the vLLM environment with MINIREC_REQUIRE_VLLM=1, so that a
 missing vLLM fails instead of skipping)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from pathlib import Path
 
@@ -113,8 +114,7 @@ def test_recpo_learns_with_vllm_rollouts(tmp_path: Path) -> None:
     """The planted-preference learning test of the HF engine (test_grpo) passes with vLLM rollouts."""
     L.seed_everything(0)
     dm, module = make_dm(tmp_path), make_module()
-    module.sampling = SamplingConfig(**{**module.sampling.__dict__, "engine": "vllm", "vllm_kv_cache_gb": 0.25,
-                                        "vllm_max_model_len": 512})
+    module.sampling = dataclasses.replace(module.sampling, engine="vllm", vllm_kv_cache_gb=0.25, vllm_max_model_len=512)
     t = trainer(tmp_path, max_steps=20, limit_val_batches=3, enable_checkpointing=False, limit_train_batches=20)
     before = t.validate(module, datamodule=dm, verbose=False)[0]["val/ndcg@10"]
     t.fit(module, datamodule=dm)
