@@ -51,7 +51,7 @@ from minirec.io import atomic_write_json, atomic_write_text
 from minirec.policy import Policy, PolicyConfig, auto_dtype
 from minirec.processing import ProcessingConfig
 from minirec.prompts import PromptConfig
-from minirec.recpo import SamplingConfig
+from minirec.recpo import SamplingConfig, sample_rollouts
 from minirec.vllm_engine import VLLMEngine
 
 COLUMNS = ("model", "dtype", "engine", "measure", "batch", "group", "max_new_tokens", "runs", "seconds", "tokens",
@@ -154,15 +154,12 @@ def _policy_config(model: str, dtype: str = "auto") -> PolicyConfig:
     return PolicyConfig(pretrained=model, lora_r=8, lora_alpha=16, lora_dropout=0.0, dtype=dtype)
 
 
-def _rollout_tokens(policy: Policy, engine: VLLMEngine | None, ids: torch.Tensor, mask: torch.Tensor, group: int,
+def _rollout_tokens(policy: Policy, engine: VLLMEngine | None, batch: dict[str, torch.Tensor], group: int,
                     max_new_tokens: int) -> int:
-    """Sample `group` completions per prompt with the policy (engine None) or the vLLM engine: completion tokens (as
-    training gets them, each ending with the marker)."""
-    if engine is None:
-        return int(policy.generate(ids, mask, num_samples=group, max_new_tokens=max_new_tokens)[1].sum())
-    generated = engine.generate(policy, ids, mask, group, temperature=1.5, top_k=200, top_p=1.0,
-                                max_new_tokens=max_new_tokens)
-    return int(policy.completions(generated, ids.device)[1].sum())
+    """Sample `group` completions per prompt of `batch` with the policy (engine None) or the vLLM engine, as training
+    does (`sample_rollouts`): completion tokens, each row ending with the marker."""
+    sampling = SamplingConfig(group_size=group, max_new_tokens=max_new_tokens)
+    return int(sample_rollouts(policy, batch, sampling, engine=engine).completion_mask.sum())
 
 
 def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dict[str, float]) -> list[dict[str, Any]]:
@@ -179,14 +176,14 @@ def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dic
     with torch.no_grad():
         for name in plan.engines:
             engine = None if name == "hf" else VLLMEngine(policy, kv_cache_gb=2.0, max_model_len=1024)
-            _rollout_tokens(policy, engine, batch["prompt_ids"][:1], batch["prompt_mask"][:1], 1, 2)  # warm-up
+            _rollout_tokens(policy, engine, {k: v[:1] for k, v in batch.items()}, 1, 2)  # warm-up
             for b in plan.rollout_batches:
                 runs = []
                 for r in range(plan.repeats):
                     torch.manual_seed(r)
                     start = time.perf_counter()
-                    tokens = _rollout_tokens(policy, engine, batch["prompt_ids"][:b], batch["prompt_mask"][:b],
-                                             plan.group, plan.max_new_tokens)
+                    tokens = _rollout_tokens(policy, engine, {k: v[:b] for k, v in batch.items()}, plan.group,
+                                             plan.max_new_tokens)
                     runs.append((time.perf_counter() - start, tokens))
                 seconds, tokens = statistics.median(s for s, _ in runs), statistics.median(t for _, t in runs)
                 bound = min(b * plan.group * bounds["bandwidth_gbs"] * 1e9 / weight_bytes, flop_bound)

@@ -28,7 +28,7 @@ class SamplingConfig:
         top_p: nucleus filter (1.0 = off).
         max_new_tokens: longest reasoning, in tokens, before the marker is appended.
         engine: what samples the rollouts: "hf" (the policy itself, each prompt prefilled once for its G samples) or
-            "vllm" (a vLLM engine in this process following the policy's LoRA weights; `minirec.vllm_engine`).
+            "vllm" (a vLLM engine beside training following the policy's LoRA weights; `minirec.vllm_engine`).
         vllm_kv_cache_gb: memory of the vLLM engine's KV cache (CPU RAM or GPU memory).
         vllm_max_model_len: longest prompt + reasoning the vLLM engine accepts, in tokens.
     """
