@@ -29,7 +29,7 @@ def data_main(argv: list[str]) -> dict:
     parser = ArgumentParser(prog="minirec data", description=data_main.__doc__, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_subclass_arguments(RecDataModule, "data", required=True)
-    dm: RecDataModule = parser.instantiate_classes(parser.parse_args(argv)).data
+    dm: RecDataModule = parser.instantiate(parser.parse_args(argv)).data
     _, path = build_dataset(dm.processing, dm.cache_dir)
     stats = load_stats(path)
     window = stats["window"] or ["-", "-"]
@@ -68,7 +68,7 @@ def pipeline_main(argv: list[str]) -> dict:
     from pipeline import run_pipeline
 
     parser = pipeline_parser()
-    cfg = parser.instantiate_classes(parser.parse_args(argv))
+    cfg = parser.instantiate(parser.parse_args(argv))
     result = run_pipeline(**{k: v for k, v in vars(cfg).items() if k != "config"})
     print(f"\nreport: {cfg.run_dir}/report.md")
     for k, v in sorted(result["test"]["metrics"].items()):

@@ -55,7 +55,7 @@ def load_spec(base: str) -> PipelineSpec:
     if not Path(base).is_file():
         raise DataError(f"data_efficiency.base: no pipeline config at {base}")
     parser = pipeline_parser()
-    cfg = parser.instantiate_classes(parser.parse_path(base))
+    cfg = parser.instantiate(parser.parse_path(base))
     return PipelineSpec(**{k: v for k, v in vars(cfg).items() if k not in ("config", "run_dir", "__path__")})
 
 

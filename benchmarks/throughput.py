@@ -3,23 +3,23 @@
 On MovieLens-100K prompts (k-core 50), for each model and base-weight dtype (float32, and bfloat16 where the CPU has
 fast bf16):
 - the machine's bound, measured here: peak matmul GFLOP/s per dtype and memory bandwidth (GB/s, a large copy);
-- rollout tokens/s of each rollout engine (`hf`: `Policy.generate`; `vllm`: the vLLM engine, where installed) when
-  sampling G completions per prompt, for prompt batches B up to B x G = 64, against the decode roofline: each decode
+- rollout tokens/s of each rollout engine (`hf`: `Policy.generate`; `vllm`: the vLLM engine, where installed; both
+  from the base model, so `vllm-merged` rollouts are those of `vllm`) when sampling G completions per prompt, for prompt batches B up to B x G = 64, against the decode roofline: each decode
   step reads every weight once and does 2 FLOPs per weight per sequence, so
   tokens/s <= min(B x G x bandwidth / weight bytes, peak FLOP/s / (2 x params));
 - prefill tokens/s (one forward over B prompts) against the FLOP bound peak / (2 x params);
 - forward + backward of B x G rollouts as G joined sequences per prompt vs each prompt run once with its G
   completions (the training path), on the same completions;
-- samples/s of a GRPOModule `training_step` (G rollouts, rewards, backward, optimizer step) per dtype and engine, with
-  its time breakdown
+- samples/s of a GRPOModule `training_step` (G rollouts, rewards, backward, optimizer step) per dtype and engine
+  (`vllm` = weights sent as a LoRA adapter, `vllm-merged` = merged weights loaded in place), with its time breakdown
   (generation; old log-prob / embedding forward and rewards; loss forward, backward and optimizer; catalogue-row
   refresh), and of the ScoringModule's `predict_step` (N rollouts, greedy pass, representativeness in the `hidden`
   and `lora` spaces) on the same samples, in the default (`auto`) dtype; each run by a Lightning Trainer, B per
   batch, the first batch a warm-up and not counted.
 
-    python benchmarks/throughput.py [--quick] [--engines hf vllm] [--out benchmarks/results/throughput]
+    python benchmarks/throughput.py [--quick] [--engines hf vllm vllm-merged] [--out benchmarks/results/throughput]
 
-(`--engines hf vllm` in the vLLM environment, `.venv-vllm/bin/python`, compares both engines in one run.)
+(`--engines hf vllm vllm-merged` in the vLLM environment, `.venv-vllm/bin/python`, compares the engines in one run.)
 
 Writes throughput.csv, throughput.md, rollout_tokens_per_s.png and scoring_vs_training.png into --out.
 """
@@ -174,7 +174,7 @@ def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dic
               "max_new_tokens": plan.max_new_tokens}
     rows = []
     with torch.no_grad():
-        for name in plan.engines:
+        for name in (e for e in plan.engines if e != "vllm-merged"):  # base-model rollouts: the same as vllm
             engine = None if name == "hf" else VLLMEngine(policy, kv_cache_gb=2.0, max_model_len=1024)
             _rollout_tokens(policy, engine, {k: v[:1] for k, v in batch.items()}, 1, 2)  # warm-up
             for b in plan.rollout_batches:
@@ -255,7 +255,8 @@ def measure_steps(model: str, batch: int, plan: Plan, cache: str, work: Path) ->
     common = {"model": model, "batch": batch, "group": plan.group, "max_new_tokens": plan.max_new_tokens}
     rows = []
     for dtype, engine in itertools.product(plan.dtypes, plan.engines):
-        module = GRPOModule(_policy_config(model, dtype), dataclasses.replace(sampling, engine=engine),
+        engine_settings = {"engine": engine.split("-")[0], "vllm_weight_sync": "merged" if "merged" in engine else "lora"}
+        module = GRPOModule(_policy_config(model, dtype), dataclasses.replace(sampling, **engine_settings),
                             optim=OptimConfig(lr=1e-4, micro_batch_size=batch * plan.group),
                             eval_max_new_tokens=plan.max_new_tokens)
         dm = _datamodule(model, cache, batch, pool, subset=str(selection))
@@ -367,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, tiny sizes (seconds), for tests")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput"), help="output folder")
     parser.add_argument("--cache_dir", default="data_cache", help="processed-dataset cache")
-    parser.add_argument("--engines", nargs="+", choices=("hf", "vllm"), default=["hf"],
-                        help="rollout engines to compare (vllm: needs vLLM, scripts/setup.sh vllm)")
+    parser.add_argument("--engines", nargs="+", choices=("hf", "vllm", "vllm-merged"), default=["hf"],
+                        help="rollout engines to compare (vllm, vllm-merged: need vLLM, scripts/setup.sh vllm)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     plan = make_plan(args.quick, tuple(args.engines))

@@ -30,6 +30,7 @@ from minirec.evaluation import (
     metric_names,
     paired_differences,
     per_sample_metrics,
+    popularity_ranks,
     random_expectation,
 )
 from minirec.io import ConfigError, allow_in_checkpoints, atomic_write_json, atomic_write_text
@@ -37,7 +38,7 @@ from minirec.losses import LossConfig, RecPOLoss, dedupe_targets
 from minirec.metrics import RankingMetrics, TestRecords
 from minirec.policy import PolicyConfig, eval_mode
 from minirec.recpo import RewardConfig, SamplingConfig, reseed, rollout_forward, sample_rollouts, score_rollouts
-from minirec.rewards import item_negatives, mask_history, target_rank
+from minirec.rewards import item_negatives
 
 
 @dataclass(frozen=True)
@@ -289,8 +290,7 @@ class GRPOModule(PolicyModule):
         if self.hparams.test_baselines:
             with self.policy.model.disable_adapter():
                 ranks.append(self._ranks(self.zero_shot_catalog, batch))
-            scores = mask_history(self.popularity.expand(len(target), -1), history, target)
-            ranks.append(target_rank(scores, target))
+            ranks.append(popularity_ranks(self.popularity, history, target))
         self.test_records.update(torch.stack(ranks, 1), candidate_counts(history, target, self.catalog.shape[0] - 1))
 
     def on_validation_epoch_end(self) -> None:

@@ -50,7 +50,8 @@ class PolicyModule(L.LightningModule):
         if self._engine is None:
             from minirec.vllm_engine import VLLMEngine
 
-            self._engine = VLLMEngine(self.policy, sampling.vllm_kv_cache_gb, sampling.vllm_max_model_len)
+            self._engine = VLLMEngine(self.policy, sampling.vllm_kv_cache_gb, sampling.vllm_max_model_len,
+                                      sampling.vllm_weight_sync)
         return self._engine
 
     def teardown(self, stage: str) -> None:

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from minirec.rewards import mask_history, ndcg_at_rank
+from minirec.rewards import mask_history, ndcg_at_rank, target_rank
 
 METHODS = ("policy", "zero_shot", "popularity", "random")
 
@@ -60,9 +60,16 @@ def candidate_counts(history: torch.Tensor, target: torch.Tensor, num_items: int
     return torch.isfinite(open_).sum(dim=1)
 
 
-def paired_differences(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-sample differences `policy-<method>` `[S, M]` against every other method of `values` {method: `[S, M]`}."""
-    return {f"policy-{m}": values["policy"] - v for m, v in values.items() if m != "policy"}
+def popularity_ranks(counts: torch.Tensor, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Ranks `[R]` of the popularity baseline: items scored by training-split counts `[N+1]`, history `[R, L]` masked."""
+    scores = mask_history(counts.float().to(history.device).expand(len(target), -1), history, target)
+    return target_rank(scores, target)
+
+
+def paired_differences(values: Mapping[str, torch.Tensor], of: str = "policy") -> dict[str, torch.Tensor]:
+    """Per-sample differences `<of>-<method>` `[S, M]` of method `of` against every other method of `values`
+    {method: `[S, M]`}."""
+    return {f"{of}-{m}": values[of] - v for m, v in values.items() if m != of}
 
 
 def bootstrap_intervals(

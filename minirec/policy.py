@@ -404,6 +404,21 @@ class Policy(torch.nn.Module):
         """The LoRA (trainable) weights only, by parameter name (detached, sharing storage with the parameters)."""
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """The base model's state dict with the adapter merged, without touching this model: every tensor under the
+        base model's own names (`model.layers.0.self_attn.q_proj.weight`), each LoRA-wrapped linear layer's weight
+        `[out, in]` as weight + LoRA update, in the base weights' dtype."""
+        from peft.tuners.lora import LoraLayer
+
+        base, adapter = self.model.get_base_model(), self.model.active_adapter
+        with torch.no_grad():
+            state = {k.replace(".base_layer.", "."): v.detach() for k, v in base.state_dict().items() if "lora_" not in k}
+            for name, m in base.named_modules():
+                if isinstance(m, LoraLayer):
+                    w = m.base_layer.weight
+                    state[f"{name}.weight"] = (w.float() + m.get_delta_weight(adapter).float()).to(w.dtype)
+        return state
+
     def load_trainable_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         """Copy LoRA weights from `trainable_state_dict()` output; names and shapes must match exactly."""
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}

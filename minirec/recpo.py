@@ -31,6 +31,10 @@ class SamplingConfig:
             "vllm" (a vLLM engine beside training following the policy's LoRA weights; `minirec.vllm_engine`).
         vllm_kv_cache_gb: memory of the vLLM engine's KV cache (CPU RAM or GPU memory).
         vllm_max_model_len: longest prompt + reasoning the vLLM engine accepts, in tokens.
+        vllm_weight_sync: how the policy's LoRA weights reach the vLLM engine: "lora" (a LoRA adapter, applied
+            unmerged like the HF policy does, at the cost of the engine's LoRA path) or "merged" (base + LoRA update
+            merged in the base weights' dtype and loaded into the engine, which then runs at base-model speed; in
+            bfloat16 the merge rounds small updates, so rollouts come from a close approximation of the policy).
     """
 
     group_size: int = 4
@@ -41,6 +45,7 @@ class SamplingConfig:
     engine: str = "hf"
     vllm_kv_cache_gb: float = 2.0
     vllm_max_model_len: int = 4096
+    vllm_weight_sync: str = "lora"
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -51,6 +56,8 @@ class SamplingConfig:
             raise ConfigError(f"sampling.temperature must be > 0, got {self.temperature}")
         if self.engine not in ("hf", "vllm"):
             raise ConfigError(f"sampling.engine must be 'hf' or 'vllm', got {self.engine!r}")
+        if self.vllm_weight_sync not in ("lora", "merged"):
+            raise ConfigError(f"sampling.vllm_weight_sync must be 'lora' or 'merged', got {self.vllm_weight_sync!r}")
         if self.vllm_kv_cache_gb <= 0 or self.vllm_max_model_len <= self.max_new_tokens:
             raise ConfigError(f"sampling.vllm_kv_cache_gb must be > 0 and sampling.vllm_max_model_len > "
                               f"max_new_tokens, got {self.vllm_kv_cache_gb} and {self.vllm_max_model_len}")

@@ -192,7 +192,7 @@ def pipeline_args(run: Path, cache: Path, *extra: str) -> list[str]:
 def start_run(run: Path, argv: list[str]) -> PipelineSpec:
     """Make `run` a pipeline run folder of the settings `argv` gives (its pipeline_config.json); returns them."""
     parser = cli.pipeline_parser()
-    cfg = parser.instantiate_classes(parser.parse_args(argv[1:]))
+    cfg = parser.instantiate(parser.parse_args(argv[1:]))
     spec = PipelineSpec(**{k: v for k, v in vars(cfg).items() if k not in ("config", "run_dir")})
     check_run_config(run, spec)
     return spec
@@ -276,9 +276,12 @@ def lightning_args(subcommand: str, root: Path, cache: Path, *extra: str, model:
 
 
 def test_bad_rollout_engine(capsys, tmp_path: Path, cache: Path) -> None:
-    """An unknown `sampling.engine`, and `vllm` where vLLM is not installed, end the fit with one line naming it."""
+    """An unknown `sampling.engine` or weight sync, and `vllm` where vLLM is not installed, end the fit with one line
+    naming it."""
     fails(capsys, lightning_args("fit", tmp_path / "a", cache, "--model.sampling.engine", "sglang"),
           r"^error: sampling\.engine must be 'hf' or 'vllm', got 'sglang'$", cache)
+    fails(capsys, lightning_args("fit", tmp_path / "c", cache, "--model.sampling.vllm_weight_sync", "nccl"),
+          r"^error: sampling\.vllm_weight_sync must be 'lora' or 'merged', got 'nccl'$", cache)
     if importlib.util.find_spec("vllm") is None:
         fails(capsys, lightning_args("fit", tmp_path / "b", cache, "--model.sampling.engine", "vllm",
                                      "--trainer.max_steps", "1"),

@@ -421,6 +421,25 @@ def test_save_adapter_opens_with_plain_peft(tmp_path):
         Policy(PolicyConfig("tiny-random-qwen2", adapter_path=str(tmp_path)))
 
 
+def test_merged_state_dict_gives_the_adapted_model():
+    """The base model loading `merged_state_dict()` (every key, strictly) computes what the policy with its adapter
+    computes (float32), and the policy's own weights stay unmerged."""
+    policy = Policy(PolicyConfig("tiny-random-qwen2", lora_r=8))
+    randomize_lora(policy, seed=3)
+    merged = policy.merged_state_dict()
+    base = AutoModelForCausalLM.from_pretrained(resolve_pretrained("tiny-random-qwen2"))
+    ids, mask, _ = sequences(policy)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        before = base(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        base.load_state_dict(merged, strict=True)
+        a = base(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        b = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert torch.allclose(a, b, atol=1e-5) and (a - before).abs().max() > 1e-3
+    assert torch.equal(policy.merged_state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                       merged["model.layers.0.self_attn.q_proj.weight"])  # computing it changed nothing
+
+
 def test_eager_attention_hessian_vector_product():
     """Grad of grad through encode and the log-probs (LoRA space, padded batch) matches central finite differences of
     the gradient."""

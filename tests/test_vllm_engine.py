@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -28,14 +30,16 @@ from minirec.recpo import SamplingConfig, reseed, sample_rollouts  # noqa: E402
 from minirec.vllm_engine import VLLMEngine  # noqa: E402
 from test_grpo import make_dm, make_module, trainer  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 SAMPLING = SamplingConfig(group_size=3, max_new_tokens=6, engine="vllm", vllm_kv_cache_gb=0.25,
                           vllm_max_model_len=512)
 
 
-@pytest.fixture(scope="module")
-def policy_and_engine():
+@pytest.fixture(scope="module", params=["lora", "merged"])
+def policy_and_engine(request):
+    """A fresh tiny policy and an engine following it, for each way of sending the weights."""
     policy = Policy(PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0))
-    engine = VLLMEngine(policy, SAMPLING.vllm_kv_cache_gb, SAMPLING.vllm_max_model_len)
+    engine = VLLMEngine(policy, SAMPLING.vllm_kv_cache_gb, SAMPLING.vllm_max_model_len, weight_sync=request.param)
     yield policy, engine
     engine.close()
 
@@ -60,7 +64,8 @@ def policy_logprobs(policy: Policy, sequences: list[list[int]], start: int) -> t
 
 def test_engine_samples_from_the_updated_policy(policy_and_engine) -> None:
     """After every optimizer step the engine's log-probs of fixed completions equal the policy's (float32, 1e-4);
-    before the sync they do not (so the check can fail), and unchanged weights are not sent again."""
+    before the sync they do not (so the check can fail), and unchanged weights are not sent again. A reset adapter
+    brings the engine back to the base model."""
     policy, engine = policy_and_engine
     torch.manual_seed(0)
     seqs = torch.randint(10, policy.tokenizer.vocab_size - 10, (3, 24)).tolist()
@@ -77,8 +82,16 @@ def test_engine_samples_from_the_updated_policy(policy_and_engine) -> None:
         stale, now = engine_logprobs(engine, seqs, 8), policy_logprobs(policy, seqs, 8)
         assert (stale - now).abs().max() > 1e-2, step
         assert engine.sync(policy) and not engine.sync(policy)
-        assert engine.lora is not None and engine.lora.lora_int_id == step + 1
+        assert engine.lora is None if engine.merged else engine.lora.lora_int_id == step + 1
         assert torch.allclose(engine_logprobs(engine, seqs, 8), now, atol=1e-4), step
+    base = engine_logprobs(engine, seqs, 8)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    assert engine.sync(policy) and engine.lora is None
+    assert torch.allclose(engine_logprobs(engine, seqs, 8), policy_logprobs(policy, seqs, 8), atol=1e-4)
+    assert (engine_logprobs(engine, seqs, 8) - base).abs().max() > 1e-2
 
 
 def test_engine_rollouts_repeat_under_a_seed(policy_and_engine) -> None:
@@ -122,17 +135,32 @@ def test_recpo_learns_with_vllm_rollouts(tmp_path: Path) -> None:
     assert after > before + 0.15, (before, after)
 
 
+def test_killed_fit_with_the_vllm_engine_resumes_to_the_unbroken_result(tmp_path: Path) -> None:
+    """tests/scripts/kill_resume.py --engine vllm: a tiny fit killed twice at random steps (the engine restarts with
+    each launch and gets the checkpoint's LoRA weights) ends with the unbroken run's weights and validations."""
+    done = subprocess.run([sys.executable, str(ROOT / "tests/scripts/kill_resume.py"), "--workdir", str(tmp_path),
+                           "--pipeline-kills", "0", "--fit-kills", "2", "--seed", "1", "--engine", "vllm"],
+                          capture_output=True, text=True, timeout=1800)
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "kill_resume: 0 of 2 comparisons differ" in done.stdout
+    assert "the run ended first" not in done.stdout
+
+
 def test_throughput_benchmark_compares_both_engines(import_benchmark, tmp_path: Path) -> None:
-    """benchmarks/throughput.py --engines hf vllm: rollout and training-step rows for each engine, in one run."""
+    """benchmarks/throughput.py --engines hf vllm vllm-merged: rollout rows for hf and vllm, training-step rows for
+    each engine, in one run."""
     bench = import_benchmark("throughput")
     out = tmp_path / "out"
-    assert bench.main(["--quick", "--engines", "hf", "vllm", "--out", str(out), "--cache_dir", str(tmp_path)]) == 0
+    assert bench.main(["--quick", "--engines", "hf", "vllm", "vllm-merged", "--out", str(out), "--cache_dir",
+                       str(tmp_path)]) == 0
     with open(out / "throughput.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     plan = bench.make_plan(quick=True)
-    for engine in ("hf", "vllm"):
+    assert not [r for r in rows if (r["measure"], r["engine"]) == ("rollout", "vllm-merged")]
+    for engine in ("hf", "vllm", "vllm-merged"):
         rollouts = [r for r in rows if (r["measure"], r["engine"]) == ("rollout", engine)]
-        assert [int(r["batch"]) for r in rollouts] == list(plan.rollout_batches)
+        assert engine == "vllm-merged" or [int(r["batch"]) for r in rollouts] == list(plan.rollout_batches)
         assert all(0 < float(r["tokens"]) <= int(r["batch"]) * plan.group * (plan.max_new_tokens + 8) for r in rollouts)
         step = [r for r in rows if (r["measure"], r["engine"]) == ("training step", engine)]
         assert len(step) == 1 and float(step[0]["samples_per_s"]) > 0

@@ -2,6 +2,7 @@
 equals the uninterrupted run's.
 
     python tests/scripts/kill_resume.py --workdir /tmp/kills [--pipeline-kills 8] [--fit-kills 4] [--seed 0]
+        [--engine hf|vllm]
 
 The pipeline (configs/pipeline-tiny.yaml) runs twice uninterrupted, first on cold caches (dataset, models), then warm
 (the reference); the two must be identical. Then per kill a fresh run folder is killed at a seeded random point of a
@@ -10,8 +11,9 @@ random step (mid-epoch, after a validation or at an epoch end), in scoring once 
 written, in the test at a random moment. The fit (configs/fit-tiny.yaml, `--ckpt_path last`) is killed once its
 `last.ckpt` reaches a random step. Compared exactly: the pipeline's selection files, scores.csv, test_metrics.json and
 per-stage results (run-folder paths and wall times left out); the fit's final LoRA weights, optimizer step and
-validation history. Prints one line per kill (where it landed) and a summary; exits 1 on any difference.
-tests/test_kill_resume.py runs it in CI.
+validation history. `--engine vllm` samples the fit's rollouts with the vLLM engine (which then restarts with every
+launch and receives the resumed LoRA weights). Prints one line per kill (where it landed) and a summary; exits 1 on any
+difference. tests/test_kill_resume.py and tests/test_vllm_engine.py run it in CI.
 """
 
 from __future__ import annotations
@@ -129,14 +131,19 @@ def pipeline_args(run: Path, cache: Path) -> list[str]:
             str(cache), "--proxy.save_every_n_steps", "3", "--train.save_every_n_steps", "2"]
 
 
-def fit_args(run: Path, cache: Path) -> list[str]:
-    """`minirec fit --ckpt_path last` on configs/fit-tiny.yaml with its folders moved to `run` (the first launch starts
-    fresh; later ones resume from its last.ckpt)."""
+def fit_args(run: Path, cache: Path, engine: str) -> list[str]:
+    """`minirec fit --ckpt_path last` on configs/fit-tiny.yaml with its folders moved to `run` and rollouts sampled by
+    `engine` (the first launch starts fresh; later ones resume from its last.ckpt)."""
     config = run.with_suffix(".yaml")
     if not config.is_file():
         text = (ROOT / "configs/fit-tiny.yaml").read_text().replace("runs/fit-tiny", str(run))
         config.write_text(text.replace("model: model/", f"model: {ROOT}/configs/model/"))
-    return ["fit", "--config", str(config), "--data.init_args.cache_dir", str(cache), "--ckpt_path", "last"]
+    args = ["fit", "--config", str(config), "--data.init_args.cache_dir", str(cache), "--ckpt_path", "last",
+            "--model.init_args.sampling.engine", engine]
+    if engine == "vllm":  # a small engine beside the fit
+        args += ["--model.init_args.sampling.vllm_kv_cache_gb", "0.25", "--model.init_args.sampling.vllm_max_model_len",
+                 "1024"]
+    return args
 
 
 def pipeline_kill_point(stage: str, rng: random.Random, run: Path, ref: dict) -> tuple[str, Callable[[Launch], bool]]:
@@ -179,6 +186,7 @@ def main() -> None:
     parser.add_argument("--pipeline-kills", type=int, default=8)
     parser.add_argument("--fit-kills", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine of the fit")
     args = parser.parse_args()
     work, rng = args.workdir, random.Random(args.seed)
     shutil.rmtree(work, ignore_errors=True)
@@ -213,13 +221,13 @@ def main() -> None:
 
     if args.fit_kills:
         ref_run = work / "f-ref"
-        total = Launch(fit_args(ref_run, cache), log).finish()
+        total = Launch(fit_args(ref_run, cache, args.engine), log).finish()
         expected = fit_result(ref_run)
         print(f"fit reference: {total:.1f}s, {expected['global_step']} steps, validations {expected['val']}", flush=True)
         for i in range(args.fit_kills):
             run, step = work / f"f-kill{i}", rng.randint(1, expected["global_step"] - 1)
             last = run / "checkpoints/last.ckpt"
-            landed = resumed_run(fit_args(run, cache), lambda _: checkpoint_step(last) >= step, log,
+            landed = resumed_run(fit_args(run, cache, args.engine), lambda _: checkpoint_step(last) >= step, log,
                                  lambda: describe(run))
             report(f"fit kill {i} (last.ckpt at step ≥ {step}): left {landed}", same(fit_result(run), expected))
 
