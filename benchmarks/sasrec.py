@@ -4,8 +4,7 @@ the LLM runs, next to popularity and random ranking, with 95 % bootstrap interva
 Trains on the whole training split, early-stops on the whole validation split, tests on the data config's test samples
 (`max_test_samples` with its seed: the samples `minirec test` and the quickstart use with the same data settings).
 
-    python benchmarks/sasrec.py --data configs/data/amazon-beauty.yaml \
-        --data.init_args.processing.interactions_path <All_Beauty.csv> --data.init_args.processing.meta_path <meta>
+    python benchmarks/sasrec.py --data configs/data/amazon-beauty.yaml --out benchmarks/results/sasrec/amazon-beauty
 
 Writes sasrec.md (table, training summary, command, date, machine), metrics.json and training.csv into `out`.
 """

@@ -4,9 +4,9 @@ On MovieLens-100K prompts (k-core 50), for each model and base-weight dtype (flo
 fast bf16):
 - the machine's bound, measured here: peak matmul GFLOP/s per dtype and memory bandwidth (GB/s, a large copy);
 - rollout tokens/s of each rollout engine (`hf`: `Policy.generate`; `vllm`: the vLLM engine, where installed; both
-  from the base model, so `vllm-merged` rollouts are those of `vllm`) when sampling G completions per prompt, for prompt batches B up to B x G = 64, against the decode roofline: each decode
-  step reads every weight once and does 2 FLOPs per weight per sequence, so
-  tokens/s <= min(B x G x bandwidth / weight bytes, peak FLOP/s / (2 x params));
+  from the base model, so `vllm-merged` rollouts are those of `vllm`) when sampling G completions per prompt, for
+  prompt batches B up to B x G = 64, against the decode roofline: each decode step reads every weight once and does
+  2 FLOPs per weight per sequence, so tokens/s <= min(B x G x bandwidth / weight bytes, peak FLOP/s / (2 x params));
 - prefill tokens/s (one forward over B prompts) against the FLOP bound peak / (2 x params);
 - forward + backward of B x G rollouts as G joined sequences per prompt vs each prompt run once with its G
   completions (the training path), on the same completions;

@@ -61,7 +61,8 @@ def candidate_counts(history: torch.Tensor, target: torch.Tensor, num_items: int
 
 
 def popularity_ranks(counts: torch.Tensor, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Ranks `[R]` of the popularity baseline: items scored by training-split counts `[N+1]`, history `[R, L]` masked."""
+    """Ranks `[R]` of the popularity baseline: items scored by training-split counts `[N+1]`, history `[R, L]`
+    masked."""
     scores = mask_history(counts.float().to(history.device).expand(len(target), -1), history, target)
     return target_rank(scores, target)
 

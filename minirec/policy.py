@@ -412,7 +412,8 @@ class Policy(torch.nn.Module):
 
         base, adapter = self.model.get_base_model(), self.model.active_adapter
         with torch.no_grad():
-            state = {k.replace(".base_layer.", "."): v.detach() for k, v in base.state_dict().items() if "lora_" not in k}
+            state = {k.replace(".base_layer.", "."): v.detach()
+                     for k, v in base.state_dict().items() if "lora_" not in k}
             for name, m in base.named_modules():
                 if isinstance(m, LoraLayer):
                     w = m.base_layer.weight
