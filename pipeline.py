@@ -271,8 +271,26 @@ def check_run_config(run: Path, spec: PipelineSpec) -> None:
         atomic_write_json(path, config)
 
 
+def _time_before(folder: Path) -> float:
+    """Seconds the earlier, interrupted attempts of a step spent in `folder`, which `folder/attempt.json` accumulates:
+    an attempt lasted from its start until the last file it wrote (logs are written every step). Marks this attempt's
+    start."""
+    note = folder / "attempt.json"
+    before = 0.0
+    if note.is_file():
+        last = read_json(note)
+        if not isinstance(last, dict) or not all(isinstance(last.get(k), (int, float)) for k in ("seconds_before", "started")):
+            raise DataError(f"{note}: fields 'seconds_before' / 'started' missing or not numbers; delete it (the step's "
+                            "time then counts from now)")
+        latest = max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file() and p != note), default=0.0)
+        before = last["seconds_before"] + max(0.0, latest - last["started"])
+    atomic_write_json(note, {"seconds_before": before, "started": time.time()})
+    return before
+
+
 def run_step(folder: Path, times: dict[str, float], name: str, body) -> dict[str, Any]:
-    """Run `body(folder)` unless `folder/done.json` exists; record its wall time in the marker."""
+    """Run `body(folder)` unless `folder/done.json` exists; record its wall time in the marker (with the time of
+    earlier attempts killed before the step completed, `_time_before`)."""
     marker = folder / "done.json"
     if marker.is_file():
         done = read_json(marker)
@@ -283,9 +301,9 @@ def run_step(folder: Path, times: dict[str, float], name: str, body) -> dict[str
     else:
         print(f"[pipeline] {name}: running in {folder}")
         folder.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
+        before, start = _time_before(folder), time.perf_counter()
         done = body(folder)
-        done["seconds"] = time.perf_counter() - start
+        done["seconds"] = before + time.perf_counter() - start
         atomic_write_json(marker, done)
     times[name] = done["seconds"]
     return done

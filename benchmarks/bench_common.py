@@ -34,12 +34,23 @@ def run_header(title: str, info: dict[str, Any]) -> list[str]:
     ]
 
 
-def machine(threads: int) -> dict[str, str]:
-    """CPU model, cores, torch threads, RAM, torch / Python / OS versions of this machine."""
+def device_kind() -> str:
+    """"cuda" where a CUDA device is visible, else "cpu" (what an `auto` / `gpu` accelerator runs on)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def machine(threads: int, device: str = "cpu") -> dict[str, str]:
+    """CPU model, cores, torch threads, RAM, torch / Python / OS versions of this machine; with `device` "cuda", the
+    GPU's name, memory and CUDA version first."""
     cpu = platform.processor() or "unknown"
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    gpu = {}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"GPU": f"{props.name} ({props.total_memory / 2**30:.0f} GiB)", "CUDA": str(torch.version.cuda)}
     return {
+        **gpu,
         "CPU": cpu,
         "logical cores": str(os.cpu_count()),
         "torch threads": str(threads),
@@ -67,11 +78,12 @@ def markdown_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    """rows -> CSV with `columns` (NaN written as empty), atomically."""
+    """rows -> CSV with `columns` (other keys left out, NaN written as empty), atomically."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
-    writer.writerows({key: ("" if isinstance(v, float) and math.isnan(v) else v) for key, v in r.items()} for r in rows)
+    writer.writerows({key: ("" if isinstance(v, float) and math.isnan(v) else v) for key, v in r.items() if key in columns}
+                     for r in rows)
     atomic_write_text(path, buf.getvalue())
 
 

@@ -16,8 +16,13 @@ reported but not counted. Every stage writes `done.json`, so a killed benchmark 
 
     python benchmarks/data_efficiency.py --config benchmarks/configs/data_efficiency_cpu.yaml
 
-Writes runs.csv (one row per trained model), summary.csv and data_efficiency.md (mean ± std over seeds and the
-headline ratios), quality_vs_k.png and time_vs_k.png into `out`.
+Every row is tested on the same samples: its 95 % interval resamples them (the per-sample NDCG@10 averaged over
+seeds), and MiniRec-k is compared with random-k and full data by paired differences on those samples. `sasrec` adds
+the classic sequential recommender of `benchmarks/sasrec.py` (same split and test samples) as a reference row; the pool
+diagnostics (reward spread, samples with no reward, learnability) say what the scores had to select from.
+
+Writes runs.csv (one row per trained model), summary.csv, pool.csv and data_efficiency.md (mean ± std over seeds, the
+intervals and the headline ratios), quality_vs_k.png and time_vs_k.png into `out`.
 """
 
 from __future__ import annotations
@@ -35,19 +40,26 @@ from typing import Any
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from bench_common import machine, markdown_table, run_header, save_figure, write_csv
+from bench_common import device_kind, machine, markdown_table, run_header, save_figure, write_csv
 from cli import pipeline_parser
-from minirec.io import DataError, atomic_write_text
-from minirec.selection import STRATEGIES
+from minirec.evaluation import bootstrap_intervals, paired_differences, per_sample_metrics
+from minirec.io import DataError, atomic_write_text, read_json
+from minirec.selection import STRATEGIES, learnability
 from minirec.subsets import ScoreTable, Selection, select_subsets
 from pipeline import PipelineSpec, check_run_config, fit_proxy, fit_subset, run_step, score_pool, test_best
 
 SCORED = ("minirec", "minirec_no_curriculum", "learnability", "representativeness", "diversity")
 RUN_COLUMNS = ("seed", "policy", "strategy", "k", "train_samples", "proxy_s", "score_s", "select_s", "train_s",
-               "method_s", "test_s", "train_steps", "best_val_ndcg@10", "test_ndcg@10", "test_hr@10",
-               "test_ndcg@20", "test_hr@20")  # fmt: skip
-SUMMARY_COLUMNS = ("policy", "strategy", "k", "seeds", "test_ndcg@10_mean", "test_ndcg@10_std", "test_hr@10_mean",
-                   "test_hr@10_std", "method_s_mean", "train_s_mean", "time_vs_full", "ndcg@10_vs_full")  # fmt: skip
+               "method_s", "test_s", "train_steps", "best_val_ndcg@10", "test_ndcg@10", "test_ndcg@10_lo",
+               "test_ndcg@10_hi", "test_hr@10", "test_ndcg@20", "test_hr@20")  # fmt: skip
+SUMMARY_COLUMNS = ("policy", "strategy", "k", "seeds", "test_ndcg@10_mean", "test_ndcg@10_lo", "test_ndcg@10_hi",
+                   "test_ndcg@10_std", "test_hr@10_mean", "test_hr@10_std", "method_s_mean", "train_s_mean",
+                   "time_vs_full", "ndcg@10_vs_full")  # fmt: skip
+HEADLINE_COLUMNS = ("policy", "k", "time_vs_full", "ndcg@10_vs_full", "minus_random", "minus_random_lo",
+                    "minus_random_hi", "minus_full", "minus_full_lo", "minus_full_hi")  # fmt: skip
+POOL_COLUMNS = ("seed", "pool", "rollouts", "frac_no_reward", "frac_all_rollouts_equal", "reward_mean",
+                "reward_std_over_pool", "reward_p10", "reward_p50", "reward_p90", "within_sample_std",
+                "frac_L_over_0.5")  # fmt: skip
 
 
 def load_spec(base: str) -> PipelineSpec:
@@ -102,12 +114,12 @@ def write_selections(spec: PipelineSpec, table: ScoreTable, strategy: str, ks: l
 
 def train_and_test(spec: PipelineSpec, folder: Path, selection: str, baselines: bool) -> dict[str, Any]:
     """Fit on a selection file, then test its best-valid checkpoint (each a resumable stage), with the baselines on
-    the same test samples when `baselines` is set."""
+    the same test samples when `baselines` is set; `report` is the test's `test_metrics.json`."""
     times: dict[str, float] = {}
     fit = run_step(folder / "train", times, f"train {folder.name}", lambda d: fit_subset(spec, d, selection))
     test = run_step(folder / "test", times, f"test {folder.name}",
                      lambda d: test_best(spec, d, fit["best_checkpoint"], baselines))
-    return {"fit": fit, "metrics": test["metrics"], "baselines": test["baselines"]["methods"],
+    return {"fit": fit, "metrics": test["metrics"], "report": test["baselines"],
             "train_s": times[f"train {folder.name}"], "test_s": times[f"test {folder.name}"]}
 
 
@@ -116,9 +128,44 @@ BASELINES = {"zero_shot": "zero-shot", "popularity": "popularity", "random": "ra
 samples as the trained models; `random ranking` is the expected value, not the random-k selection)."""
 
 
+def sample_ndcg10(report: dict[str, Any], method: str, path: Path) -> list[float]:
+    """Per-sample NDCG@10 `[S]` of `method` from the per-sample target ranks of a test's `test_metrics.json`."""
+    ranks = report.get("ranks", {}).get(method)
+    if ranks is None:
+        raise DataError(f"{path}: no per-sample ranks of '{method}' (written by an older version: delete that test "
+                        "folder to test again)")
+    return per_sample_metrics(torch.tensor(ranks), (10,))[:, 0].tolist()
+
+
+def interval(samples: list[list[float]]) -> tuple[float, float, float]:
+    """Mean and 95 % bootstrap interval over the test samples of the per-sample values averaged over seeds:
+    samples `[seeds][S]` -> (mean, lo, hi)."""
+    values = torch.tensor(samples, dtype=torch.float64).mean(0, keepdim=True).T  # [S, 1]
+    mean, lo, hi = bootstrap_intervals({"v": values}, seed=0)["v"]
+    return float(mean[0]), float(lo[0]), float(hi[0])
+
+
+def pool_diagnostics(table: ScoreTable, spec: PipelineSpec) -> dict[str, Any]:
+    """What the scores had to select from: the spread of the proxy's rollout rewards over the pool (rewards `[N, n]`)
+    and the share of samples the learnability score L rates above 0.5."""
+    rewards, mean = table.rewards.double(), table.mean_reward.double()
+    q = torch.quantile(mean, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    selection = spec.score.selection
+    return {
+        "seed": spec.seed, "pool": rewards.shape[0], "rollouts": rewards.shape[1],
+        "frac_no_reward": float((rewards == 0).all(1).double().mean()),
+        "frac_all_rollouts_equal": float((rewards.amax(1) == rewards.amin(1)).double().mean()),
+        "reward_mean": float(rewards.mean()), "reward_std_over_pool": float(mean.std(correction=0)),
+        "reward_p10": float(q[0]), "reward_p50": float(q[1]), "reward_p90": float(q[2]),
+        "within_sample_std": float(rewards.std(1, correction=0).mean()),
+        "frac_L_over_0.5": float((learnability(mean, selection.mu, selection.sigma) > 0.5).double().mean()),
+    }
+
+
 def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str], transfer_policy: dict[str, Any] | None,
-             transfer_k: int | None) -> list[dict[str, Any]]:
-    """Every method of one seed under `out/seed<seed>`; -> one row per trained model."""
+             transfer_k: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every method of one seed under `out/seed<seed>`; -> (one row per trained model, each with its per-sample test
+    NDCG@10 under `samples` (none for the random-ranking expectation), the pool diagnostics)."""
     folder = out / f"seed{spec.seed}"
     check_run_config(folder, spec)
     times: dict[str, float] = {}
@@ -131,15 +178,17 @@ def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str]
         """Train and test one method; its time counts the proxy and scoring only if its selection used them. The
         seed's first method also tests the baselines (the same for every method of the seed)."""
         result = train_and_test(policy_spec, folder / name, path, baselines=not rows)
-        m = result["metrics"]
+        m, report, report_path = result["metrics"], result["report"], folder / name / "test" / "test_metrics.json"
         if not rows:
             for method, row_name in BASELINES.items():
+                ndcg = report["methods"][method]["ndcg@10"]
                 rows.append({
                     "seed": spec.seed, "policy": policy_spec.policy.pretrained, "strategy": row_name, "k": 0,
                     "train_samples": 0, "proxy_s": 0.0, "score_s": 0.0, "select_s": 0.0, "train_s": 0.0,
                     "method_s": 0.0, "test_s": 0.0, "train_steps": 0, "best_val_ndcg@10": float("nan"),
-                    **{f"test_{n}": result["baselines"][method][n]["mean"]
-                       for n in ("ndcg@10", "hr@10", "ndcg@20", "hr@20")},
+                    **{f"test_{n}": report["methods"][method][n]["mean"] for n in ("ndcg@10", "hr@10", "ndcg@20", "hr@20")},
+                    "test_ndcg@10_lo": ndcg["lo"], "test_ndcg@10_hi": ndcg["hi"],
+                    "samples": None if method == "random" else sample_ndcg10(report, method, report_path),
                 })
         proxy_s, score_s = (times["proxy"], times["score"]) if select_s else (0.0, 0.0)
         rows.append({
@@ -150,6 +199,9 @@ def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str]
             "train_steps": result["fit"]["global_step"], "best_val_ndcg@10": result["fit"]["best_val_ndcg@10"],
             **{f"test_{name}": m.get(f"test/{name}", float("nan"))
                for name in ("ndcg@10", "hr@10", "ndcg@20", "hr@20")},
+            "test_ndcg@10_lo": report["methods"]["policy"]["ndcg@10"]["lo"],
+            "test_ndcg@10_hi": report["methods"]["policy"]["ndcg@10"]["hi"],
+            "samples": sample_ndcg10(report, "policy", report_path),
         })
 
     selections: dict[str, dict[int, str]] = {}
@@ -166,15 +218,17 @@ def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str]
         minirec_s = select_times["minirec"]
         add(other, "minirec_transfer", transfer_k, selections["minirec"][transfer_k], minirec_s, f"transfer_minirec_{tag}")
         add(other, "random", transfer_k, selections["random"][transfer_k], 0.0, f"transfer_random_{tag}")
-    return rows
+    return rows, pool_diagnostics(table, spec)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds per (policy, strategy, k), with time and NDCG@10 relative to full data (same policy)."""
+def summarise(rows: list[dict[str, Any]], references: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (policy, strategy, k) with the 95 % interval over test samples of the seed-averaged
+    per-sample NDCG@10 (kept under `samples` `[S]`; the random-ranking expectation keeps its own interval), and time
+    and NDCG@10 relative to full data (same policy); `references` are summary rows added as they are (SASRec)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["policy"], r["strategy"], r["k"]), []).append(r)
@@ -182,17 +236,73 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (policy, strategy, k), rs in groups.items():
         ndcg, ndcg_std = _mean_std([r["test_ndcg@10"] for r in rs])
         hr, hr_std = _mean_std([r["test_hr@10"] for r in rs])
+        if rs[0]["samples"] is None:
+            samples, lo, hi = None, *(statistics.fmean(r[f"test_ndcg@10_{b}"] for r in rs) for b in ("lo", "hi"))
+        else:
+            samples = torch.tensor([r["samples"] for r in rs], dtype=torch.float64).mean(0).tolist()
+            _, lo, hi = interval([samples])
         out.append({"policy": policy, "strategy": strategy, "k": k, "seeds": len(rs), "test_ndcg@10_mean": ndcg,
-                    "test_ndcg@10_std": ndcg_std, "test_hr@10_mean": hr, "test_hr@10_std": hr_std,
+                    "test_ndcg@10_lo": lo, "test_ndcg@10_hi": hi, "test_ndcg@10_std": ndcg_std,
+                    "test_hr@10_mean": hr, "test_hr@10_std": hr_std, "samples": samples,
                     "method_s_mean": statistics.fmean(r["method_s"] for r in rs),
                     "train_s_mean": statistics.fmean(r["train_s"] for r in rs)})
+    out.extend(references)
     for row in out:
         full = next((f for f in out if f["policy"] == row["policy"] and f["strategy"] == "full"), None)
         row["time_vs_full"] = row["method_s_mean"] / full["method_s_mean"] if full else float("nan")
         row["ndcg@10_vs_full"] = (row["test_ndcg@10_mean"] / full["test_ndcg@10_mean"]
                                   if full and full["test_ndcg@10_mean"] > 0 else float("nan"))
-    order = {s: i for i, s in enumerate((*BASELINES.values(), "full", "random", *SCORED, "minirec_transfer"))}
+    order = {s: i for i, s in enumerate((*BASELINES.values(), "SASRec", "full", "random", *SCORED, "minirec_transfer"))}
     return sorted(out, key=lambda r: (r["policy"], r["k"], order.get(r["strategy"], 99)))
+
+
+def paired(summary: list[dict[str, Any]], row: dict[str, Any], strategy: str, k: int | None) -> tuple[float, ...]:
+    """Mean and 95 % interval of row − (the `strategy` row of the same policy, at k, any k if None) in NDCG@10,
+    paired on the test samples: (diff, lo, hi), NaN where that row is missing."""
+    other = next((r for r in summary if r["policy"] == row["policy"] and r["strategy"] == strategy
+                  and (k is None or r["k"] == k)), None)
+    if other is None:
+        return (float("nan"),) * 3
+    values = {m: torch.tensor(r["samples"], dtype=torch.float64)[:, None] for m, r in (("a", row), ("b", other))}
+    return tuple(float(v[0]) for v in bootstrap_intervals(paired_differences(values, of="a"), seed=0)["a-b"])
+
+
+def headline(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per policy and k: MiniRec time and NDCG@10 relative to full data, and MiniRec − random-k, MiniRec − full in
+    NDCG@10 with paired 95 % intervals."""
+    out = []
+    for r in (r for r in summary if r["strategy"] == "minirec"):
+        minus_random, minus_full = paired(summary, r, "random", r["k"]), paired(summary, r, "full", None)
+        out.append({"policy": r["policy"], "k": r["k"], "time_vs_full": r["time_vs_full"],
+                    "ndcg@10_vs_full": r["ndcg@10_vs_full"],
+                    **dict(zip(("minus_random", "minus_random_lo", "minus_random_hi"), minus_random)),
+                    **dict(zip(("minus_full", "minus_full_lo", "minus_full_hi"), minus_full))})
+    return out
+
+
+def load_sasrec(path: str) -> dict[str, Any]:
+    """A `benchmarks/sasrec.py` result (`metrics.json`), checked before any run."""
+    if not Path(path).is_file():
+        raise DataError(f"data_efficiency.sasrec: no file at {path}")
+    m = read_json(Path(path))
+    if not isinstance(m, dict) or not {"summary", "intervals", "test_samples", "train_s"} <= set(m) \
+            or "sasrec" not in m["intervals"]:
+        raise DataError(f"data_efficiency.sasrec: {path} is not a metrics.json of benchmarks/sasrec.py")
+    return m
+
+
+def sasrec_row(m: dict[str, Any], path: str, policy: str, samples: int) -> dict[str, Any]:
+    """The summary row of a SASRec result `m` (`load_sasrec`; trained on the whole training split), which must be
+    tested on the same number of test samples; its time is SASRec's training time."""
+    if m["test_samples"] != samples:
+        raise DataError(f"data_efficiency.sasrec: {path} was tested on {m.get('test_samples')} samples, this run on "
+                        f"{samples}: use the same data settings")
+    lo, hi = m["intervals"]["sasrec"]["ndcg@10"]
+    nan = float("nan")
+    return {"policy": policy, "strategy": "SASRec", "k": 0, "seeds": 1, "test_ndcg@10_mean": m["summary"]["sasrec"]["ndcg@10"],
+            "test_ndcg@10_lo": lo, "test_ndcg@10_hi": hi, "test_ndcg@10_std": nan,
+            "test_hr@10_mean": m["summary"]["sasrec"]["hr@10"], "test_hr@10_std": nan, "samples": None,
+            "method_s_mean": m["train_s"], "train_s_mean": m["train_s"]}
 
 
 def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
@@ -212,7 +322,7 @@ def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
             if strategy == "full":
                 ax.axhline(line[0][key], color="k", ls="--", label=f"full data (N={line[0]['k']})")
                 continue
-            if strategy in BASELINES.values():  # untrained references: quality lines only
+            if line[0]["k"] == 0:  # references (untrained baselines, SASRec): quality lines only
                 if err:
                     ax.axhline(line[0][key], color=f"C{i}", ls=":", label=strategy)
                 continue
@@ -220,7 +330,7 @@ def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
                         yerr=[r[err] for r in line] if err else None, marker="o", capsize=3, color=f"C{i}",
                         label=strategy)
         ax.set(xscale="log", xlabel="subset size k", ylabel=ylabel, title=f"{ylabel} vs k ({policy})")
-        ax.set_xticks(sorted({r["k"] for r in rows if r["strategy"] not in ("full", *BASELINES.values())}))
+        ax.set_xticks(sorted({r["k"] for r in rows if r["strategy"] != "full" and r["k"]}))
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log-axis minor labels overlap the ks
         ax.grid(True, alpha=0.3)
@@ -230,9 +340,10 @@ def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
         plt.close(fig)
 
 
-def write_markdown(path: Path, summary: list[dict[str, Any]], spec: PipelineSpec, info: dict[str, Any]) -> None:
-    """The run's header (command, date, machine, settings), the summary table and the headline ratios."""
-    headline = [r for r in summary if r["strategy"] == "minirec"]
+def write_markdown(path: Path, summary: list[dict[str, Any]], heads: list[dict[str, Any]],
+                   pools: list[dict[str, Any]], spec: PipelineSpec, info: dict[str, Any]) -> None:
+    """The run's header (command, date, machine, settings), the summary table, the headline ratios and the pool
+    diagnostics."""
     text = [
         *run_header("Data-efficiency benchmark", info),
         f"Dataset `{spec.processing.dataset}`; policy `{spec.policy.pretrained}`; pool (full data) N = "
@@ -241,15 +352,30 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], spec: PipelineSpec
         f"`{spec.score.selection.curriculum}` with {spec.score.selection.num_stages} stages; test on {spec.loader.max_test_samples} samples "
         f"at the best-valid checkpoint ({spec.loader.max_val_samples} validation samples).", "",
         "Method time = what the method needs: full and random = training; the scored strategies = proxy + scoring + "
-        "selection + training. Mean ± std over seeds.", "",
+        "selection + training (SASRec: its training on the whole training split). Mean and ± std over seeds; "
+        "[lo, hi] = 95 % bootstrap interval over the test samples of the seed-averaged per-sample NDCG@10.", "",
         markdown_table(summary, {
             "policy": "policy", "strategy": "strategy", "k": "k", "seeds": "seeds",
-            "test_ndcg@10_mean": "NDCG@10", "test_ndcg@10_std": "± std", "test_hr@10_mean": "HR@10",
+            "test_ndcg@10_mean": "NDCG@10", "test_ndcg@10_lo": "lo", "test_ndcg@10_hi": "hi",
+            "test_ndcg@10_std": "± std", "test_hr@10_mean": "HR@10",
             "test_hr@10_std": "± std", "method_s_mean": "method s", "train_s_mean": "train s",
             "time_vs_full": "time / full", "ndcg@10_vs_full": "NDCG@10 / full"}), "",
-        "## Headline ratios (MiniRec-k vs full data)", "",
-        markdown_table(headline, {"policy": "policy", "k": "k", "time_vs_full": "MiniRec time / full time",
-                                  "ndcg@10_vs_full": "MiniRec NDCG@10 / full NDCG@10"}), "",
+        "## Headline ratios (MiniRec-k vs full data and random-k)", "",
+        "Differences in NDCG@10 are paired on the test samples (seed-averaged per-sample values); an interval that "
+        "excludes 0 separates the two methods.", "",
+        markdown_table(heads, {"policy": "policy", "k": "k", "time_vs_full": "MiniRec time / full time",
+                               "ndcg@10_vs_full": "MiniRec NDCG@10 / full NDCG@10",
+                               "minus_random": "MiniRec − random", "minus_random_lo": "lo", "minus_random_hi": "hi",
+                               "minus_full": "MiniRec − full", "minus_full_lo": "lo", "minus_full_hi": "hi"}), "",
+        "## Pool diagnostics (the proxy's rollout rewards over the pool)", "",
+        "no reward = share of samples whose rollouts all score 0 (what learnability prunes in the paper's setting); "
+        "all equal = share whose rollouts score alike; reward p10/p50/p90 = quantiles of a sample's mean reward; "
+        "L > 0.5 = share the learnability score rates above 0.5.", "",
+        markdown_table(pools, {"seed": "seed", "pool": "pool", "rollouts": "rollouts",
+                               "frac_no_reward": "no reward", "frac_all_rollouts_equal": "all equal",
+                               "reward_mean": "reward mean", "reward_std_over_pool": "std over pool",
+                               "reward_p10": "p10", "reward_p50": "p50", "reward_p90": "p90",
+                               "within_sample_std": "within-sample std", "frac_L_over_0.5": "L > 0.5"}), "",
         "![quality vs k](quality_vs_k.png)", "", "![time vs k](time_vs_k.png)", "",
     ]
     atomic_write_text(path, "\n".join(text))
@@ -265,6 +391,8 @@ def run_benchmark(
                              "minirec_no_curriculum"],
     transfer_policy: dict[str, Any] | None = None,
     transfer_k: int | None = None,
+    sasrec: str | None = None,
+    accelerator: str | None = None,
     command: str = "",
 ) -> list[dict[str, Any]]:
     """Run (or resume) the grid and write the tables and plots; returns the summary rows.
@@ -280,27 +408,40 @@ def run_benchmark(
         transfer_policy: policy settings that replace the base ones (e.g. `{pretrained: tiny-random-llama}`) for a
             second policy trained on the base policy's MiniRec-k selection and on random-k (cross-model transfer).
         transfer_k: the k of the transfer runs.
+        sasrec: `metrics.json` of `benchmarks/sasrec.py` on the same data settings, shown as a reference row.
+        accelerator: replaces the base config's `device.accelerator` (e.g. `gpu`: the same grid on one GPU).
         command: the command line recorded in the markdown (set by `main`).
     """
     spec = load_spec(base)
+    if accelerator is not None:
+        spec = replace(spec, device=replace(spec.device, accelerator=accelerator))
     check_grid(spec, ks, seeds, strategies, transfer_k)
     if transfer_policy is not None and transfer_k is None:
         raise DataError("data_efficiency: transfer_policy needs transfer_k")
     selection = replace(spec.score.selection, ks=tuple(ks), strategy="minirec")
     spec = replace(spec, score=replace(spec.score, selection=selection))
+    sasrec_result = load_sasrec(sasrec) if sasrec is not None else None
     start = time.perf_counter()
-    rows = [r for seed in seeds
-            for r in run_seed(replace(spec, seed=seed), Path(work_dir), ks, strategies, transfer_policy, transfer_k)]
-    summary = summarise(rows)
+    rows, pools = [], []
+    for seed in seeds:
+        seed_rows, pool = run_seed(replace(spec, seed=seed), Path(work_dir), ks, strategies, transfer_policy, transfer_k)
+        rows += seed_rows
+        pools.append(pool)
+    samples = len(next(r["samples"] for r in rows if r["samples"] is not None))
+    summary = summarise(rows, [sasrec_row(sasrec_result, sasrec, spec.policy.pretrained, samples)] if sasrec else [])
+    heads = headline(summary)
     results = Path(out)
     results.mkdir(parents=True, exist_ok=True)
     write_csv(results / "runs.csv", rows, RUN_COLUMNS)
     write_csv(results / "summary.csv", summary, SUMMARY_COLUMNS)
+    write_csv(results / "headline.csv", heads, HEADLINE_COLUMNS)
+    write_csv(results / "pool.csv", pools, POOL_COLUMNS)
     plot(summary, spec.policy.pretrained, results)
     info = {"command": command,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - start,
-            "machine": machine(torch.get_num_threads()), "ks": ks, "seeds": seeds}
-    write_markdown(results / "data_efficiency.md", summary, spec, info)
+            "machine": machine(torch.get_num_threads(), "cpu" if spec.device.accelerator == "cpu" else device_kind()),
+            "ks": ks, "seeds": seeds}
+    write_markdown(results / "data_efficiency.md", summary, heads, pools, spec, info)
     return summary
 
 

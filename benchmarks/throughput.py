@@ -17,9 +17,11 @@ fast bf16):
   and `lora` spaces) on the same samples, in the default (`auto`) dtype; each run by a Lightning Trainer, B per
   batch, the first batch a warm-up and not counted.
 
-    python benchmarks/throughput.py [--quick] [--engines hf vllm vllm-merged] [--out benchmarks/results/throughput]
+    python benchmarks/throughput.py [--quick] [--device cpu|cuda] [--engines hf vllm vllm-merged]
+        [--out benchmarks/results/throughput]
 
-(`--engines hf vllm vllm-merged` in the vLLM environment, `.venv-vllm/bin/python`, compares the engines in one run.)
+(`--engines hf vllm vllm-merged` in the vLLM environment, `.venv-vllm/bin/python`, compares the engines in one run;
+`--device cuda` measures SmolLM2 on one GPU, with B x G up to 64: benchmarks/gpu_check.sh.)
 
 Writes throughput.csv, throughput.md, rollout_tokens_per_s.png and scoring_vs_training.png into --out.
 """
@@ -47,7 +49,7 @@ from bench_common import machine, markdown_table, run_header, save_figure, write
 from datamodules import RecDataModule
 from lightning_modules import GRPOModule, ScoringModule
 from lightning_modules.grpo import OptimConfig
-from minirec.io import atomic_write_json, atomic_write_text
+from minirec.io import ConfigError, atomic_write_json, atomic_write_text
 from minirec.policy import Policy, PolicyConfig, auto_dtype
 from minirec.processing import ProcessingConfig
 from minirec.prompts import PromptConfig
@@ -77,25 +79,37 @@ class Plan:
     repeats: int
     matmul_size: int
     copy_mib: int
+    device: str = "cpu"
 
 
-def make_plan(quick: bool, engines: tuple[str, ...] = ("hf",)) -> Plan:
+def make_plan(quick: bool, engines: tuple[str, ...] = ("hf",), device: str = "cpu") -> Plan:
     if quick:
         return Plan(models=(("tiny-random-qwen2", 2),), dtypes=("float32",), engines=engines, rollout_batches=(1, 2),
-                    group=2,
-                    max_new_tokens=4, steps=2, repeats=1, matmul_size=256, copy_mib=16)
+                    group=2, max_new_tokens=4, steps=2, repeats=1, matmul_size=256, copy_mib=16, device=device)
+    if device == "cuda":
+        return Plan(models=(("smollm2-135m-instruct", 16),), dtypes=("float32", "bfloat16"), engines=engines,
+                    rollout_batches=(1, 4, 16), group=4, max_new_tokens=32, steps=4, repeats=2, matmul_size=8192,
+                    copy_mib=2048, device=device)
     dtypes = ("float32", "bfloat16") if auto_dtype() == "bfloat16" else ("float32",)
     return Plan(models=(("tiny-random-qwen2", 8), ("smollm2-135m-instruct", 4)), dtypes=dtypes, engines=engines,
                 rollout_batches=(1, 4, 16), group=4, max_new_tokens=32, steps=3, repeats=2, matmul_size=2048,
                 copy_mib=512)
 
 
+def _sync() -> None:
+    """Wait for queued GPU work (no-op without CUDA), so that wall-clock timers see it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _best_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -106,9 +120,9 @@ def hardware_bounds(plan: Plan) -> dict[str, float]:
     n = plan.matmul_size
     bounds = {}
     for dtype in plan.dtypes:
-        a, b = torch.randn(n, n).to(getattr(torch, dtype)), torch.randn(n, n).to(getattr(torch, dtype))
+        a, b = (torch.randn(n, n, device=plan.device).to(getattr(torch, dtype)) for _ in range(2))
         bounds[f"gflops_{dtype}"] = 2 * n**3 / _best_seconds(lambda: a @ b, 5) / 1e9
-    x = torch.ones(plan.copy_mib * 2**20 // 4)
+    x = torch.ones(plan.copy_mib * 2**20 // 4, device=plan.device)
     y = torch.empty_like(x)
     bounds["bandwidth_gbs"] = 2 * x.numel() * 4 / _best_seconds(lambda: y.copy_(x), 5) / 1e9
     return bounds
@@ -130,9 +144,11 @@ class StepTimer(L.Callback):
         self.start = 0.0
 
     def _begin(self, *args: Any) -> None:
+        _sync()
         self.start = time.perf_counter()
 
     def _end(self, trainer: L.Trainer, *args: Any) -> None:
+        _sync()
         self.seconds.append(time.perf_counter() - self.start)
         logged = trainer.callback_metrics
         self.breakdown.append({k: float(logged[f"train/{k}"]) for k in BREAKDOWN if f"train/{k}" in logged})
@@ -166,10 +182,12 @@ def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dic
     """Generated tokens/s of sampled rollouts for each engine and prompt batch size (median over repeats), and prefill
     tokens/s of the largest batch, each against its bound."""
     policy = Policy(_policy_config(model, dtype))
+    policy.model.to(plan.device)
     params, weight_bytes = _weights(policy)
     flop_bound = bounds[f"gflops_{dtype}"] * 1e9 / (2 * params)  # tokens/s
     batch = next(iter(_datamodule(model, cache, max(plan.rollout_batches), max(plan.rollout_batches))
                       .predict_dataloader()))
+    batch = {k: v.to(plan.device) for k, v in batch.items()}
     common = {"model": model, "dtype": dtype, "engine": "hf", "group": plan.group,
               "max_new_tokens": plan.max_new_tokens}
     rows = []
@@ -181,6 +199,7 @@ def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dic
                 runs = []
                 for r in range(plan.repeats):
                     torch.manual_seed(r)
+                    _sync()
                     start = time.perf_counter()
                     tokens = _rollout_tokens(policy, engine, {k: v[:b] for k, v in batch.items()}, plan.group,
                                              plan.max_new_tokens)
@@ -232,10 +251,11 @@ def measure_train_forward(policy: Policy, batch: dict[str, torch.Tensor], plan: 
     return rows
 
 
-def _timed(trainer_kw: dict[str, Any], run) -> StepTimer:
-    """A Trainer with a StepTimer runs `run(trainer)`; the timer's first batch (a warm-up) is dropped."""
+def _timed(device: str, trainer_kw: dict[str, Any], run) -> StepTimer:
+    """A Trainer on `device` (cpu or cuda) with a StepTimer runs `run(trainer)`; the timer's first batch (a warm-up)
+    is dropped."""
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
                         callbacks=[timer], **trainer_kw)
     run(trainer)
@@ -260,7 +280,7 @@ def measure_steps(model: str, batch: int, plan: Plan, cache: str, work: Path) ->
                             optim=OptimConfig(lr=1e-4, micro_batch_size=batch * plan.group),
                             eval_max_new_tokens=plan.max_new_tokens)
         dm = _datamodule(model, cache, batch, pool, subset=str(selection))
-        timer = _timed({"max_steps": plan.steps, "limit_val_batches": 0, "default_root_dir": str(work)},
+        timer = _timed(plan.device, {"max_steps": plan.steps, "limit_val_batches": 0, "default_root_dir": str(work)},
                        lambda t: t.fit(module, datamodule=dm))  # the first step (a warm-up) starts the vLLM engine
         seconds = statistics.mean(timer.seconds)
         rows.append({**common, "dtype": dtype, "engine": engine, "measure": "training step",
@@ -271,14 +291,14 @@ def measure_steps(model: str, batch: int, plan: Plan, cache: str, work: Path) ->
         module = ScoringModule(policy=_policy_config(model), sampling=sampling, num_rollouts=plan.group, space=space,
                                projection_dim=1024, eval_max_new_tokens=plan.max_new_tokens)
         dm = _datamodule(model, cache, batch, pool)
-        seconds = statistics.mean(_timed({}, lambda t: t.predict(module, datamodule=dm, return_predictions=False))
+        seconds = statistics.mean(_timed(plan.device, {}, lambda t: t.predict(module, datamodule=dm, return_predictions=False))
                                   .seconds)
         rows.append({**common, "dtype": dtype, "engine": "hf", "measure": f"scoring ({space})",
                      "runs": plan.steps - 1, "seconds": seconds, "samples_per_s": batch / seconds})
     return rows
 
 
-def plot(rows: list[dict[str, Any]], out: Path) -> None:
+def plot(rows: list[dict[str, Any]], out: Path, device: str) -> None:
     """rollout_tokens_per_s.png (tokens/s vs B x G per model and dtype, with the decode bound dashed) and
     scoring_vs_training.png (seconds per batch per measure, training steps split into their breakdown)."""
     import matplotlib
@@ -295,7 +315,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
         ax.plot(x, [r["tokens_per_s"] for r in line], "o-", color=f"C{i}", label=f"{model} {dtype} {engine}")
         ax.plot(x, [r["bound_tokens_per_s"] for r in line], "--", color=f"C{i}", alpha=0.6)
     ax.set(xscale="log", yscale="log", xlabel="sequences per generate call (B x G)", ylabel="generated tokens / s",
-           title="Rollout throughput (CPU); dashed: decode bound")
+           title=f"Rollout throughput ({device.upper()}); dashed: decode bound")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -368,11 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, tiny sizes (seconds), for tests")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput"), help="output folder")
     parser.add_argument("--cache_dir", default="data_cache", help="processed-dataset cache")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the model runs (cuda: one GPU, SmolLM2 only, B x G up to 64)")
     parser.add_argument("--engines", nargs="+", choices=("hf", "vllm", "vllm-merged"), default=["hf"],
                         help="rollout engines to compare (vllm, vllm-merged: need vLLM, scripts/setup.sh vllm)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    plan = make_plan(args.quick, tuple(args.engines))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible")
+    plan = make_plan(args.quick, tuple(args.engines), args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     bounds = hardware_bounds(plan)
@@ -385,10 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{key: r.get(key, float("nan")) for key in COLUMNS} for r in rows]
     info = {"command": shlex.join(["python", "benchmarks/throughput.py", *argv]),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - start,
-            "machine": machine(torch.get_num_threads())}
+            "machine": machine(torch.get_num_threads(), args.device)}
     write_csv(args.out / "throughput.csv", rows, COLUMNS)
     write_markdown(args.out / "throughput.md", rows, plan, info, bounds)
-    plot(rows, args.out)
+    plot(rows, args.out, args.device)
     print((args.out / "throughput.md").read_text())
     return 0
 

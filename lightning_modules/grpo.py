@@ -301,7 +301,8 @@ class GRPOModule(PolicyModule):
     def on_test_epoch_end(self) -> None:
         """Means of every method and of the paired differences `policy-<baseline>`, with 95 % bootstrap intervals:
         logged (`test/<metric>` for the policy, `test/<method>/<metric>` for the others) and written to
-        `test_report.md` / `test_metrics.json`."""
+        `test_report.md` / `test_metrics.json` (with every method's per-sample target ranks, for paired comparisons
+        across runs on the same samples)."""
         ranks, candidates = self.test_records.compute()
         self.test_records.reset()
         ks, names = self.hparams.ks, metric_names(self.hparams.ks)
@@ -321,6 +322,7 @@ class GRPOModule(PolicyModule):
                 "samples": len(candidates), "metrics": names,
                 "methods": {m: {n: {"mean": float(a), "lo": float(b), "hi": float(c)}
                                 for n, a, b, c in zip(names, mean, lo, hi)} for m, (mean, lo, hi) in intervals.items()},
+                "ranks": {m: ranks[:, i].tolist() for i, m in enumerate(methods)},
             })
             print("\n" + table)
 

@@ -42,7 +42,7 @@ def random_expectation(candidates: torch.Tensor, ks: Sequence[int]) -> torch.Ten
     """
     n = candidates.reshape(-1, 1).to(torch.float64).clamp(min=1)
     k_max = max(ks)
-    discounts = torch.cumsum(1.0 / torch.log2(torch.arange(2, k_max + 2, dtype=torch.float64)), 0)  # [K_max]
+    discounts = torch.cumsum(1.0 / torch.log2(torch.arange(2, k_max + 2, dtype=torch.float64, device=n.device)), 0)  # [K_max]
     cols_ndcg, cols_hr = [], []
     for k in ks:
         top = torch.minimum(n, torch.tensor(float(k), dtype=torch.float64))  # [S, 1]

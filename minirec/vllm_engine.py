@@ -89,20 +89,19 @@ class VLLMEngine:
                 self.llm.collective_rpc("load_merged_weights", args=(str(path),))
                 self.llm.reset_prefix_cache()  # cached prompts were computed with the old weights
                 path.unlink()
-            self.synced = {k: v.detach().clone() for k, v in state.items()}
-            return True
-        from vllm.lora.request import LoRARequest
-
-        if self.lora is not None:
-            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
-            shutil.rmtree(self.lora.lora_path, ignore_errors=True)
-        if policy.adapter_is_identity():
-            self.lora = None
         else:
-            self.updates += 1
-            path = self.folder / f"adapter-{self.updates}"
-            policy.save_adapter(path)
-            self.lora = LoRARequest(f"policy-{self.updates}", self.updates, str(path))
+            from vllm.lora.request import LoRARequest
+
+            if self.lora is not None:
+                self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+                shutil.rmtree(self.lora.lora_path, ignore_errors=True)
+            if policy.adapter_is_identity():
+                self.lora = None
+            else:
+                self.updates += 1
+                path = self.folder / f"adapter-{self.updates}"
+                policy.save_adapter(path)
+                self.lora = LoRARequest(f"policy-{self.updates}", self.updates, str(path))
         self.synced = {k: v.detach().clone() for k, v in state.items()}
         return True
 

@@ -47,12 +47,22 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def sasrec_result(import_benchmark, folder: Path) -> str:
+    """benchmarks/sasrec.py on the data and test samples of `tiny_base` (a few epochs) -> its metrics.json."""
+    data = ["--data.class_path", "datamodules.RecDataModule", "--data.init_args.cache_dir", str(folder / "cache"),
+            "--data.init_args.processing.dataset", "synthetic", "--data.init_args.processing.synthetic_users", "80",
+            "--data.init_args.processing.synthetic_items", "24", "--data.init_args.max_test_samples", "16"]
+    assert import_benchmark("sasrec").main([*data, "--sasrec.max_epochs", "3", "--out", str(folder / "sasrec")]) == 0
+    return str(folder / "sasrec" / "metrics.json")
+
+
 @pytest.fixture(scope="module")
-def run(bench, tmp_path_factory):
+def run(bench, import_benchmark, tmp_path_factory):
     folder = tmp_path_factory.mktemp("data_efficiency")
     args = ["--base", tiny_base(folder), "--out", str(folder / "results"), "--work_dir", str(folder / "work"),
             "--ks", "[8, 16]", "--seeds", "[0, 1]", "--strategies", "[full, random, minirec, diversity]",
-            "--transfer_policy", "{pretrained: tiny-random-llama}", "--transfer_k", "8"]
+            "--transfer_policy", "{pretrained: tiny-random-llama}", "--transfer_k", "8",
+            "--sasrec", sasrec_result(import_benchmark, folder)]
     assert bench.main(args) == 0
     return folder, args
 
@@ -114,9 +124,37 @@ def test_tables_plots_and_ratios(run) -> None:
         assert float(r["time_vs_full"]) == pytest.approx(sum(own) / sum(fulls), rel=1e-6)
     md = (folder / "results/data_efficiency.md").read_text()
     assert "## Headline ratios" in md and "MiniRec time / full time" in md and "data_efficiency.py" in md
-    assert "| zero-shot |" in md and "| popularity |" in md and "| random ranking |" in md
+    assert "| zero-shot |" in md and "| popularity |" in md and "| random ranking |" in md and "| SASRec |" in md
+    sasrec = json.loads((folder / "sasrec/metrics.json").read_text())
+    row = next(r for r in summary if r["strategy"] == "SASRec")
+    assert float(row["test_ndcg@10_mean"]) == pytest.approx(sasrec["summary"]["sasrec"]["ndcg@10"])
+    for r in summary:  # every row: an interval over the shared test samples around its seed mean
+        assert float(r["test_ndcg@10_lo"]) <= float(r["test_ndcg@10_mean"]) + 1e-9 <= float(r["test_ndcg@10_hi"]) + 2e-9
     for png in ("quality_vs_k.png", "time_vs_k.png"):
         assert (folder / "results" / png).stat().st_size > 10_000
+
+
+def test_paired_differences_and_pool_diagnostics(run) -> None:
+    """MiniRec − random-k and − full are paired on the test samples (their means are the differences of the seed
+    means); the pool table reads the score tables."""
+    import torch
+
+    folder, _ = run
+    summary = {(r["policy"], r["strategy"], r["k"]): float(r["test_ndcg@10_mean"])
+               for r in read_csv(folder / "results/summary.csv")}
+    heads = read_csv(folder / "results/headline.csv")
+    assert sorted(r["k"] for r in heads) == ["16", "8"]
+    for r in heads:
+        minirec = summary[("tiny-random-qwen2", "minirec", r["k"])]
+        assert float(r["minus_random"]) == pytest.approx(minirec - summary[("tiny-random-qwen2", "random", r["k"])])
+        assert float(r["minus_full"]) == pytest.approx(minirec - summary[("tiny-random-qwen2", "full", "24")])
+        assert float(r["minus_random_lo"]) <= float(r["minus_random"]) + 1e-9 <= float(r["minus_random_hi"]) + 2e-9
+    pools = read_csv(folder / "results/pool.csv")
+    assert [(p["seed"], p["pool"], p["rollouts"]) for p in pools] == [("0", "24", "2"), ("1", "24", "2")]
+    table = torch.load(folder / "work/seed1/scores/score_table.pt", weights_only=True)
+    assert float(pools[1]["frac_no_reward"]) == pytest.approx(float((table["rewards"] == 0).all(1).double().mean()))
+    assert float(pools[1]["reward_mean"]) == pytest.approx(float(table["rewards"].double().mean()))
+    assert "## Pool diagnostics" in (folder / "results/data_efficiency.md").read_text()
 
 
 def test_rerun_resumes_without_training(bench, run) -> None:
@@ -137,6 +175,7 @@ def test_rerun_resumes_without_training(bench, run) -> None:
     ({"seeds": [0, 0]}, "distinct seeds"),
     ({"transfer_policy": {"pretrained": "tiny-random-llama"}}, "needs transfer_k"),
     ({"ks": [1, 8]}, "num_stages 2 exceeds the smallest k 1"),
+    ({"sasrec": "nope/metrics.json"}, "data_efficiency.sasrec: no file at nope/metrics.json"),
 ])
 def test_bad_grid_is_refused_before_any_run(bench, tmp_path: Path, over: dict, match: str) -> None:
     args = {"base": tiny_base(tmp_path), "out": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),

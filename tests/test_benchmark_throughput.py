@@ -48,3 +48,16 @@ def test_quick_run(bench, tmp_path: Path) -> None:
     assert "vs float32 hf training step" in md and "throughput.py --quick" in md
     for png in ("rollout_tokens_per_s.png", "scoring_vs_training.png"):
         assert (out / png).stat().st_size > 10_000
+
+
+def test_cuda_without_a_gpu_is_one_clean_error(bench, tmp_path: Path, capsys) -> None:
+    """`--device cuda` on a machine without CUDA: one error line, exit status 2, nothing written."""
+    from minirec.io import run_command
+
+    if bench.torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(SystemExit) as exit_:
+        run_command(bench.main, ["--device", "cuda", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --device cuda: no CUDA device is visible"
+    assert not (tmp_path / "out").exists()

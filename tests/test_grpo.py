@@ -263,6 +263,9 @@ def test_test_reports_policy_against_baselines(tmp_path: Path) -> None:
     assert report["samples"] == 24
     assert set(report["methods"]) == {"policy", *baselines, *(f"policy-{b}" for b in baselines)}
     assert (tmp_path / "test_report.md").read_text().count("[") >= 4 * 8
+    ranks = torch.tensor(report["ranks"]["policy"])  # per-sample ranks: the means follow from them
+    assert set(report["ranks"]) == {"policy", "zero_shot", "popularity"} and ranks.shape == (24,)
+    assert report["methods"]["policy"]["hr@10"]["mean"] == pytest.approx(float((ranks <= 10).float().mean()))
     for name in ("ndcg@10", "hr@50"):
         pol, zs = report["methods"]["policy"][name], report["methods"]["zero_shot"][name]
         assert pol == zs  # the adapter starts as a no-op

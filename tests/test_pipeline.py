@@ -81,6 +81,34 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path: Path, monkeypatch: pytest
         tiny_run(tmp_path, seed=1)
 
 
+def test_a_step_killed_and_rerun_counts_the_time_of_both_attempts(tmp_path: Path) -> None:
+    """An attempt that dies before `done.json` lasted until the last file it wrote; the completing attempt adds its
+    own time, so a resumed step reports the wall time of all its attempts, not only the last one."""
+    import os
+    import time
+
+    from pipeline import run_step
+
+    folder, times = tmp_path / "step", {}
+
+    def killed(d: Path) -> dict:
+        (d / "logs.csv").write_text("step 1\n")
+        started = json.loads((d / "attempt.json").read_text())["started"]
+        os.utime(d / "logs.csv", (started + 30.0, started + 30.0))  # it logged for 30 s, then died
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_step(folder, times, "fit", killed)
+    assert not (folder / "done.json").exists()
+    done = run_step(folder, times, "fit", lambda d: time.sleep(0.2) or {})
+    assert 30.2 <= done["seconds"] < 31.5 and times["fit"] == done["seconds"]
+    assert json.loads((folder / "done.json").read_text())["seconds"] == done["seconds"]
+    (folder / "done.json").unlink()
+    (folder / "attempt.json").write_text("[]")
+    with pytest.raises(DataError, match=r"attempt.json: fields 'seconds_before' / 'started' missing"):
+        run_step(folder, times, "fit", lambda d: {})
+
+
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")))
 def test_every_shipped_yaml_parses(path: str) -> None:
     """Each YAML is checked against the signature it configures (pipeline, LightningCLI run, model, data, strategy)."""
