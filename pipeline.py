@@ -271,12 +271,12 @@ def check_run_config(run: Path, spec: PipelineSpec) -> None:
         atomic_write_json(path, config)
 
 
-def _time_before(folder: Path) -> float:
+def _time_before(folder: Path) -> tuple[float, dict[str, float] | None]:
     """Seconds the earlier, interrupted attempts of a step spent in `folder`, which `folder/attempt.json` accumulates:
     an attempt lasted from its start until the last file it wrote (logs are written every step). Marks this attempt's
-    start."""
+    start; -> (seconds, the note as it was before, None if there was none)."""
     note = folder / "attempt.json"
-    before = 0.0
+    before, last = 0.0, None
     if note.is_file():
         last = read_json(note)
         if not isinstance(last, dict) or not all(isinstance(last.get(k), (int, float)) for k in ("seconds_before", "started")):
@@ -285,7 +285,7 @@ def _time_before(folder: Path) -> float:
         latest = max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file() and p != note), default=0.0)
         before = last["seconds_before"] + max(0.0, latest - last["started"])
     atomic_write_json(note, {"seconds_before": before, "started": time.time()})
-    return before
+    return before, last
 
 
 def run_step(folder: Path, times: dict[str, float], name: str, body) -> dict[str, Any]:
@@ -301,8 +301,15 @@ def run_step(folder: Path, times: dict[str, float], name: str, body) -> dict[str
     else:
         print(f"[pipeline] {name}: running in {folder}")
         folder.mkdir(parents=True, exist_ok=True)
-        before, start = _time_before(folder), time.perf_counter()
-        done = body(folder)
+        (before, last), start = _time_before(folder), time.perf_counter()
+        try:
+            done = body(folder)
+        except DataError:  # a user error leaves the folder as it was: the attempt note too
+            if last is None:
+                (folder / "attempt.json").unlink(missing_ok=True)
+            else:
+                atomic_write_json(folder / "attempt.json", last)
+            raise
         done["seconds"] = before + time.perf_counter() - start
         atomic_write_json(marker, done)
     times[name] = done["seconds"]
