@@ -44,6 +44,7 @@ from bench_common import device_kind, machine, markdown_table, run_header, save_
 from cli import pipeline_parser
 from minirec.evaluation import bootstrap_intervals, paired_differences, per_sample_metrics
 from minirec.io import DataError, atomic_write_text, read_json
+from minirec.rewards import misses_top_k
 from minirec.selection import STRATEGIES, learnability
 from minirec.subsets import ScoreTable, Selection, select_subsets
 from pipeline import PipelineSpec, check_run_config, fit_proxy, fit_subset, run_step, score_pool, test_best
@@ -59,7 +60,7 @@ HEADLINE_COLUMNS = ("policy", "k", "time_vs_full", "ndcg@10_vs_full", "minus_ran
                     "minus_random_hi", "minus_full", "minus_full_lo", "minus_full_hi")  # fmt: skip
 POOL_COLUMNS = ("seed", "pool", "rollouts", "frac_no_reward", "frac_all_rollouts_equal", "reward_mean",
                 "reward_std_over_pool", "reward_p10", "reward_p50", "reward_p90", "within_sample_std",
-                "frac_L_over_0.5")  # fmt: skip
+                "rollout_agreement", "frac_L_over_0.5")  # fmt: skip
 
 
 def load_spec(base: str) -> PipelineSpec:
@@ -146,18 +147,24 @@ def interval(samples: list[list[float]]) -> tuple[float, float, float]:
 
 
 def pool_diagnostics(table: ScoreTable, spec: PipelineSpec) -> dict[str, Any]:
-    """What the scores had to select from: the spread of the proxy's rollout rewards over the pool (rewards `[N, n]`)
-    and the share of samples the learnability score L rates above 0.5."""
+    """What the scores had to select from: the share of pool samples none of whose rollouts reach the reward's top
+    `ndcg_k` (rewards `[N, n]`), the spread of the proxy's rollout rewards over the pool, how far a sample's mean
+    reward is the sample's rather than its draws' (the correlation over the pool of the mean rewards of its two halves
+    of rollouts) and the share of samples the learnability score L rates above 0.5."""
     rewards, mean = table.rewards.double(), table.mean_reward.double()
     q = torch.quantile(mean, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
     selection = spec.score.selection
+    missed = misses_top_k(rewards, spec.reward.ndcg_k, spec.reward.softmax_weight).all(1)
+    half = rewards.shape[1] // 2  # r̄ of a sample's first and second half of rollouts, correlated over the pool
+    halves = torch.stack([rewards[:, :half].mean(1), rewards[:, half : 2 * half].mean(1)]) if half else None
     return {
         "seed": spec.seed, "pool": rewards.shape[0], "rollouts": rewards.shape[1],
-        "frac_no_reward": float((rewards == 0).all(1).double().mean()),
+        "frac_no_reward": float(missed.double().mean()),
         "frac_all_rollouts_equal": float((rewards.amax(1) == rewards.amin(1)).double().mean()),
         "reward_mean": float(rewards.mean()), "reward_std_over_pool": float(mean.std(correction=0)),
         "reward_p10": float(q[0]), "reward_p50": float(q[1]), "reward_p90": float(q[2]),
         "within_sample_std": float(rewards.std(1, correction=0).mean()),
+        "rollout_agreement": float(torch.corrcoef(halves)[0, 1]) if half else float("nan"),
         "frac_L_over_0.5": float((learnability(mean, selection.mu, selection.sigma) > 0.5).double().mean()),
     }
 
@@ -368,14 +375,18 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], heads: list[dict[s
                                "minus_random": "MiniRec − random", "minus_random_lo": "lo", "minus_random_hi": "hi",
                                "minus_full": "MiniRec − full", "minus_full_lo": "lo", "minus_full_hi": "hi"}), "",
         "## Pool diagnostics (the proxy's rollout rewards over the pool)", "",
-        "no reward = share of samples whose rollouts all score 0 (what learnability prunes in the paper's setting); "
+        "no reward = share of samples none of whose rollouts ranks the target within the reward's top ndcg_k (what "
+        "learnability prunes in the paper's setting, 55 % there; none when ndcg_k covers the catalogue); "
         "all equal = share whose rollouts score alike; reward p10/p50/p90 = quantiles of a sample's mean reward; "
+        "rollout agreement = correlation over the pool of the mean rewards of each sample's two halves of rollouts "
+        "(near 0: r̄, and so L, says more about the draws than about the sample); "
         "L > 0.5 = share the learnability score rates above 0.5.", "",
         markdown_table(pools, {"seed": "seed", "pool": "pool", "rollouts": "rollouts",
                                "frac_no_reward": "no reward", "frac_all_rollouts_equal": "all equal",
                                "reward_mean": "reward mean", "reward_std_over_pool": "std over pool",
                                "reward_p10": "p10", "reward_p50": "p50", "reward_p90": "p90",
-                               "within_sample_std": "within-sample std", "frac_L_over_0.5": "L > 0.5"}), "",
+                               "within_sample_std": "within-sample std", "rollout_agreement": "rollout agreement",
+                               "frac_L_over_0.5": "L > 0.5"}), "",
         "![quality vs k](quality_vs_k.png)", "", "![time vs k](time_vs_k.png)", "",
     ]
     atomic_write_text(path, "\n".join(text))

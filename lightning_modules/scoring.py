@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_modules.policy_module import PolicyModule
 from minirec.io import ConfigError, load_checkpoint
@@ -110,7 +111,12 @@ class ScoringModule(PolicyModule):
         }
 
     def on_predict_start(self) -> None:
+        """Encode the catalogue; warn when the reward's NDCG cutoff covers it (every rollout is rewarded)."""
         self.catalog = self.encode_catalog(shard=False)
+        items, k = self.catalog.shape[0] - 1, self.reward.ndcg_k
+        if k >= items:
+            rank_zero_warn(f"reward.ndcg_k {k} ≥ the catalogue's {items} items: every rollout earns NDCG reward, so "
+                           "learnability has no unrewarded samples to prune (METHOD.md §5); set a smaller ndcg_k")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Returns sample_id [B], rewards [B, N], mean_reward [B], user_emb [B, H], rep_vec [B, D]."""

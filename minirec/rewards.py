@@ -10,6 +10,8 @@ embeddings) therefore gets the worst rank, never a free rank 1.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -102,3 +104,16 @@ def recpo_reward(
     log_norm = torch.logsumexp(scores.float(), dim=1)
     prob = torch.where(torch.isfinite(s_t), torch.exp(s_t - log_norm), torch.zeros_like(s_t))
     return (1.0 - softmax_weight) * ndcg + softmax_weight * prob
+
+
+def misses_top_k(rewards: torch.Tensor, ndcg_k: int, softmax_weight: float) -> torch.Tensor:
+    """Whether each `recpo_reward` comes from a rank beyond `ndcg_k` (no NDCG part): rewards `[...]` -> bool `[...]`.
+
+    A rank within the top k earns at least (1 - w) / log2(k + 1), a rank beyond it at most w (the softmax share), so
+    the split is exact while w < (1 - w) / log2(k + 1) (w = 0.05: any k below 2^19); otherwise a ConfigError.
+    """
+    floor = (1.0 - softmax_weight) / math.log2(ndcg_k + 1)
+    if softmax_weight >= floor:
+        raise ConfigError(f"reward: softmax_weight {softmax_weight} ≥ the smallest NDCG@{ndcg_k} share {floor:.4f}: "
+                          "rewards do not tell whether a rank reached the top ndcg_k")
+    return rewards < (softmax_weight + floor) / 2

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from minirec.io import DataError
+from minirec.rewards import misses_top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -31,6 +32,7 @@ def tiny_base(folder: Path) -> str:
                    "train_batch_size": 8, "eval_batch_size": 16},
         "policy": {"pretrained": "tiny-random-qwen2", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         "sampling": {"group_size": 2, "max_new_tokens": 3},
+        "reward": {"ndcg_k": 5},  # below the catalogue size: some samples' rollouts all miss it (no reward)
         "proxy": {"subset": "random:8", "max_epochs": 1, "optim": optim},
         "score": {"pool_size": 24, "num_rollouts": 2, "selection": {"ks": [8, 16], "num_stages": 2}},
         "train": {"max_epochs": 2, "optim": optim},
@@ -134,7 +136,7 @@ def test_tables_plots_and_ratios(run) -> None:
         assert (folder / "results" / png).stat().st_size > 10_000
 
 
-def test_paired_differences_and_pool_diagnostics(run) -> None:
+def test_paired_differences_and_pool_diagnostics(bench, run) -> None:
     """MiniRec − random-k and − full are paired on the test samples (their means are the differences of the seed
     means); the pool table reads the score tables."""
     import torch
@@ -146,13 +148,20 @@ def test_paired_differences_and_pool_diagnostics(run) -> None:
     assert sorted(r["k"] for r in heads) == ["16", "8"]
     for r in heads:
         minirec = summary[("tiny-random-qwen2", "minirec", r["k"])]
-        assert float(r["minus_random"]) == pytest.approx(minirec - summary[("tiny-random-qwen2", "random", r["k"])])
-        assert float(r["minus_full"]) == pytest.approx(minirec - summary[("tiny-random-qwen2", "full", "24")])
+        # float32 per-sample metrics: equal to the difference of the means up to rounding, not relatively
+        assert float(r["minus_random"]) == pytest.approx(minirec - summary[("tiny-random-qwen2", "random", r["k"])],
+                                                         abs=1e-6)
+        assert float(r["minus_full"]) == pytest.approx(minirec - summary[("tiny-random-qwen2", "full", "24")], abs=1e-6)
         assert float(r["minus_random_lo"]) <= float(r["minus_random"]) + 1e-9 <= float(r["minus_random_hi"]) + 2e-9
     pools = read_csv(folder / "results/pool.csv")
     assert [(p["seed"], p["pool"], p["rollouts"]) for p in pools] == [("0", "24", "2"), ("1", "24", "2")]
     table = torch.load(folder / "work/seed1/scores/score_table.pt", weights_only=True)
-    assert float(pools[1]["frac_no_reward"]) == pytest.approx(float((table["rewards"] == 0).all(1).double().mean()))
+    spec = bench.load_spec(str(folder / "base.yaml"))
+    missed = misses_top_k(table["rewards"], spec.reward.ndcg_k, spec.reward.softmax_weight).all(1)
+    assert float(pools[1]["frac_no_reward"]) == pytest.approx(float(missed.double().mean()))
+    assert 0 < float(missed.double().mean()) < 1
+    rewards = table["rewards"].double()  # 2 rollouts: the halves are the two rollouts
+    assert float(pools[1]["rollout_agreement"]) == pytest.approx(float(torch.corrcoef(rewards.T)[0, 1]))
     assert float(pools[1]["reward_mean"]) == pytest.approx(float(table["rewards"].double().mean()))
     assert "## Pool diagnostics" in (folder / "results/data_efficiency.md").read_text()
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from minirec.io import DataError
+from minirec.io import ConfigError, DataError
 from minirec.rewards import (
-    catalog_negatives, item_negatives, mask_history, ndcg_at_rank, recpo_reward, score_items, target_rank,
+    catalog_negatives, item_negatives, mask_history, misses_top_k, ndcg_at_rank, recpo_reward, score_items, target_rank,
 )
 
 # Catalogue (H = 2): row 0 = padding (zero vector), items 1..5.
@@ -116,3 +116,21 @@ def test_recpo_reward_bfloat16_scores():
     r = recpo_reward(masked.bfloat16(), target)
     assert r.dtype == torch.float32
     torch.testing.assert_close(r, recpo_reward(masked, target), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("ndcg_k", [1, 10, 49])
+def test_misses_top_k_reads_the_rank_cutoff_from_the_reward(ndcg_k):
+    """Rewards of ranks beyond ndcg_k (softmax share only) are told from those within it, rank = k included."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(400, 51, generator=g) * 5
+    scores[:, 0] = NEG  # padding
+    target = torch.randint(1, 51, (400,), generator=g)
+    rewards = recpo_reward(scores, target, ndcg_k=ndcg_k, softmax_weight=0.05)
+    rank = target_rank(scores, target)
+    assert (rank == ndcg_k).any() and (rank > ndcg_k).any()
+    assert torch.equal(misses_top_k(rewards, ndcg_k, 0.05), rank > ndcg_k)
+
+
+def test_misses_top_k_refuses_an_ambiguous_softmax_weight():
+    with pytest.raises(ConfigError, match="softmax_weight 0.5"):
+        misses_top_k(torch.zeros(3), 1000, 0.5)  # 0.5 / log2(1001) < 0.5: a softmax share can pass for a rank

@@ -4,6 +4,7 @@ from a checkpoint and from an exported adapter."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +18,7 @@ from minirec.io import DataError
 from minirec.policy import PolicyConfig
 from minirec.subsets import SelectionConfig
 from minirec.processing import ProcessingConfig
-from minirec.recpo import SamplingConfig
+from minirec.recpo import RewardConfig, SamplingConfig
 
 SYNTH = ProcessingConfig(dataset="synthetic", synthetic_users=60, synthetic_items=24)
 TINY = PolicyConfig(pretrained="tiny-random-qwen2", lora_r=4, lora_alpha=8, lora_dropout=0.0)
@@ -37,10 +38,15 @@ def predict(tmp_path: Path, module: ScoringModule, out: Path, ks=(6, 12)) -> Non
 @pytest.mark.parametrize("space", ["hidden", "lora"])
 def test_scores_and_selection_in_both_spaces(tmp_path: Path, space: str) -> None:
     L.seed_everything(0)
-    module = ScoringModule(policy=TINY, sampling=SAMPLING, num_rollouts=3, space=space, projection_dim=32,
-                           eval_max_new_tokens=3)
+    cutoff = 1000 if space == "hidden" else 5  # the default covers the tiny catalogue: every rollout is rewarded
+    module = ScoringModule(policy=TINY, sampling=SAMPLING, reward=RewardConfig(ndcg_k=cutoff), num_rollouts=3,
+                           space=space, projection_dim=32, eval_max_new_tokens=3)
     out = tmp_path / "scores"
-    predict(tmp_path, module, out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict(tmp_path, module, out)
+    warned = [w for w in caught if "no unrewarded samples to prune" in str(w.message)]
+    assert len(warned) == (space == "hidden")
     vectors = torch.load(out / "score_table.pt", weights_only=True)
     assert vectors["sample_id"].shape == (18,)
     width = 32 if space == "lora" else module.policy.hidden_size
