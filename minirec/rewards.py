@@ -10,8 +10,6 @@ embeddings) therefore gets the worst rank, never a free rank 1.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -112,7 +110,7 @@ def misses_top_k(rewards: torch.Tensor, ndcg_k: int, softmax_weight: float) -> t
     A rank within the top k earns at least (1 - w) / log2(k + 1), a rank beyond it at most w (the softmax share), so
     the split is exact while w < (1 - w) / log2(k + 1) (w = 0.05: any k below 2^19); otherwise a ConfigError.
     """
-    floor = (1.0 - softmax_weight) / math.log2(ndcg_k + 1)
+    floor = (1.0 - softmax_weight) * float(ndcg_at_rank(torch.tensor(ndcg_k), ndcg_k))  # rank k, softmax share 0
     if softmax_weight >= floor:
         raise ConfigError(f"reward: softmax_weight {softmax_weight} ≥ the smallest NDCG@{ndcg_k} share {floor:.4f}: "
                           "rewards do not tell whether a rank reached the top ndcg_k")
