@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from minirec.io import atomic_file, atomic_write_text
+from minirec.evaluation import comparison_table
+from minirec.io import atomic_file, atomic_write_json, atomic_write_text
 
 
 def proc_bytes(path: str, field: str) -> int:
@@ -85,6 +86,42 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) ->
     writer.writerows({key: ("" if isinstance(v, float) and math.isnan(v) else v) for key, v in r.items() if key in columns}
                      for r in rows)
     atomic_write_text(path, buf.getvalue())
+
+
+def write_comparison(
+    out: Path, name: str, title: str, info: dict[str, Any], intro: str, intervals: dict, names: Sequence[str],
+    samples: int, notes: Sequence[str] = (), **extra: Any,
+) -> dict[str, dict[str, float]]:
+    """Write `out/<name>.md` (header of `info`, `intro`, the comparison table of `intervals` {method: (mean, lo, hi)
+    over `names`}, then `notes` lines) and `out/metrics.json` (means, intervals, `test_samples` and `extra`); returns
+    {method: {metric: mean}}."""
+    text = run_header(title, info) + [intro, "", comparison_table(intervals, names, samples), *notes]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{name}.md", "\n".join(text))
+    summary = {m: dict(zip(names, (float(v) for v in mean))) for m, (mean, _, _) in intervals.items()}
+    bounds = {m: {n: [float(a), float(b)] for n, a, b in zip(names, lo, hi)} for m, (_, lo, hi) in intervals.items()}
+    atomic_write_json(out / "metrics.json", {"summary": summary, "intervals": bounds, "test_samples": samples, **extra})
+    return summary
+
+
+def data_parser(prog: str, doc: str) -> Any:
+    """The argument parser of a benchmark over one dataset: `--config` and `--data` (a RecDataModule), the first
+    paragraph of `doc` as its description."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from datamodules import RecDataModule
+
+    parser = ArgumentParser(prog=prog, description=doc.split("\n\n")[0], exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_subclass_arguments(RecDataModule, "data", required=True)
+    return parser
+
+
+def print_summary(summary: dict[str, dict[str, float]]) -> None:
+    """One line per method: NDCG@10 and HR@10."""
+    width = max(map(len, summary))
+    for method, metrics in summary.items():
+        print(f"{method:>{width}}  NDCG@10 {metrics['ndcg@10']:.4f}  HR@10 {metrics['hr@10']:.4f}")
 
 
 def save_figure(fig: Any, path: Path) -> None:

@@ -19,21 +19,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 
-from bench_common import machine, run_header, write_csv
+from bench_common import data_parser, machine, print_summary, write_comparison, write_csv
 from datamodules import RecDataModule
 from minirec.evaluation import (
     bootstrap_intervals,
     candidate_counts,
-    comparison_table,
     metric_names,
     paired_differences,
     per_sample_metrics,
     popularity_ranks,
     random_expectation,
 )
-from minirec.io import atomic_write_json, atomic_write_text
 from minirec.sasrec import SASRecConfig, history_tensor, sasrec_ranks, train_sasrec
 
 KS = (5, 10, 20, 50)
@@ -65,32 +62,23 @@ def run(dm: RecDataModule, sasrec: SASRecConfig, out: Path, command: str) -> dic
     best = max(log, key=lambda r: r["val_ndcg@10"])
     info = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_s": time.perf_counter() - start, "machine": machine(torch.get_num_threads())}
-    text = run_header("SASRec against popularity and random ranking", info) + [
-        f"Data: {dm.processing.dataset}, {dm.num_items} items; trained on all {len(train[1])} training samples, "
-        f"early-stopped on all {len(valid[1])} validation samples: best epoch {best['epoch']} of {len(log)} "
-        f"(validation NDCG@10 {best['val_ndcg@10']:.4f}), {train_s:.0f} s. Settings: {sasrec}.", "",
-        comparison_table(intervals, names, len(target))]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "sasrec.md", "\n".join(text))
-    summary = {m: dict(zip(names, (float(v) for v in mean))) for m, (mean, _, _) in intervals.items()}
-    bounds = {m: {n: [float(a), float(b)] for n, a, b in zip(names, lo, hi)} for m, (_, lo, hi) in intervals.items()}
-    atomic_write_json(out / "metrics.json", {"summary": summary, "intervals": bounds, "best_epoch": best["epoch"],
-                                             "epochs": len(log), "test_samples": len(target), "train_s": train_s})
+    intro = (f"Data: {dm.processing.dataset}, {dm.num_items} items; trained on all {len(train[1])} training samples, "
+             f"early-stopped on all {len(valid[1])} validation samples: best epoch {best['epoch']} of {len(log)} "
+             f"(validation NDCG@10 {best['val_ndcg@10']:.4f}), {train_s:.0f} s. Settings: {sasrec}.")
+    summary = write_comparison(out, "sasrec", "SASRec against popularity and random ranking", info, intro, intervals,
+                               names, len(target), best_epoch=best["epoch"], epochs=len(log), train_s=train_s)
     write_csv(out / "training.csv", log, ("epoch", "loss", "val_ndcg@10"))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="sasrec", description=__doc__.split("\n\n")[0], exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_subclass_arguments(RecDataModule, "data", required=True)
+    parser = data_parser("sasrec", __doc__)
     parser.add_class_arguments(SASRecConfig, "sasrec")
     parser.add_argument("--out", default="benchmarks/results/sasrec", help="results folder")
     argv = sys.argv[1:] if argv is None else argv
     cfg = parser.instantiate(parser.parse_args(argv))
     summary = run(cfg.data, cfg.sasrec, Path(cfg.out), shlex.join(["python", "benchmarks/sasrec.py", *argv]))
-    for method, metrics in summary.items():
-        print(f"{method:>22}  NDCG@10 {metrics['ndcg@10']:.4f}  HR@10 {metrics['hr@10']:.4f}")
+    print_summary(summary)
     return 0
 
 

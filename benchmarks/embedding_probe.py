@@ -1,0 +1,167 @@
+"""What the untrained model's embeddings know about the next item, before any training: on the test samples of a data
+config, with 95 % bootstrap intervals, next to popularity and random ranking.
+
+    python benchmarks/embedding_probe.py --data configs/data/amazon-beauty.yaml --data.init_args.max_val_samples 64 \
+        --policy configs/model/smollm2-135m/policy.yaml --eval_max_new_tokens 8 \
+        --out benchmarks/results/embedding_probe/amazon-beauty
+
+Rows of the table (`marker` = the hidden state at the sequence's last token, the answer marker; `mean` = the mean
+over the sequence; `L<i>` = after decoder layer i, the last one after the final norm):
+- `user: <embedding>`: the user sequence after greedy reasoning against the item prompts, both embedded alike;
+  `user: marker L<last>` is the method's embedding, the zero-shot row of `minirec test`. With `common direction`
+  every user is replaced by the mean user embedding of the validation samples (one ranking for all); `centred`
+  subtracts that mean from each user.
+- `items: <embedding>[, centred]`: content kNN without generation, the sum of a sample's normalised history-item
+  embeddings ranks the catalogue; `centred` subtracts the catalogue's mean embedding first.
+Every row is also compared with the method's row, per sample on the same resamples (`user: marker L<last>-<row>`; an
+interval that excludes 0 separates the two). The mean item-item cosine of each item embedding (1 = every item alike)
+is listed under the table.
+
+Writes embedding_probe.md (table, command, date, machine) and metrics.json into `out`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench_common import data_parser, machine, print_summary, write_comparison
+from datamodules import RecDataModule
+from lightning_modules.policy_module import PolicyModule
+from minirec.evaluation import (
+    bootstrap_intervals,
+    candidate_counts,
+    metric_names,
+    paired_differences,
+    per_sample_metrics,
+    popularity_ranks,
+    random_expectation,
+)
+from minirec.policy import PolicyConfig, eval_mode
+from minirec.recpo import RewardConfig
+from minirec.rewards import mask_history, score_items, target_rank
+
+KS = (10, 50)
+
+
+def ranks_of(user: torch.Tensor, catalog: torch.Tensor, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Target ranks `[S]` of users `[S, H]` against the catalogue `[N+1, H]`, history masked, as the reward ranks."""
+    return target_rank(mask_history(score_items(user, catalog), history, target), target)
+
+
+@torch.no_grad()
+def hidden_states(
+    module: PolicyModule, ids: torch.Tensor, mask: torch.Tensor, layers: list[int]
+) -> dict[str, torch.Tensor]:
+    """The base model's embeddings `[R, H]` of left-padded sequences `[R, S]` at each of `layers` (hidden-state indices:
+    0 = the token embeddings, -1 = after the final norm): the last token's state (`marker`, the method's embedding at
+    the last layer) and the mean over the sequence (`mean`)."""
+    decoder = module.policy.model.get_base_model().get_decoder()
+    with eval_mode(module.policy), module.policy.model.disable_adapter():
+        states = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+                         output_hidden_states=True).hidden_states
+    weight = mask[..., None].float()
+    out = {}
+    for layer in layers:
+        h = states[layer].float()
+        out[f"marker L{layer % len(states)}"] = h[:, -1]
+        out[f"mean L{layer % len(states)}"] = (h * weight).sum(1) / weight.sum(1)
+    return out
+
+
+def stack(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Batches of `hidden_states` -> one tensor per embedding."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def item_states(module: PolicyModule, dm: RecDataModule, layers: list[int]) -> dict[str, torch.Tensor]:
+    """`hidden_states` of every item prompt: `[N+1, H]` per embedding (row 0, padding, zeros)."""
+    bs = dm.hparams.item_batch_size
+    parts = [hidden_states(module, *dm.item_prompt_batch(range(i, min(dm.num_items + 1, i + bs))), layers)
+             for i in range(1, dm.num_items + 1, bs)]
+    return {k: F.pad(v, (0, 0, 1, 0)) for k, v in stack(parts).items()}
+
+
+def user_states(module: PolicyModule, loader, layers: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor,
+                                                                          torch.Tensor]:
+    """Zero-shot users of every sample of `loader`: `hidden_states` of the user sequence after greedy reasoning
+    (`[S, H]` per embedding; `marker` at the last layer is `minirec test`'s zero-shot user embedding), histories
+    `[S, L]` and targets `[S]`."""
+    parts, history, target = [], [], []
+    for batch in loader:
+        with module.policy.model.disable_adapter():
+            _, seq, mask = module.user_embeddings(batch)
+        parts.append(hidden_states(module, seq, mask, layers))
+        history.append(batch["history"])
+        target.append(batch["target"])
+    width = max(h.shape[1] for h in history)
+    return stack(parts), torch.cat([F.pad(h, (0, width - h.shape[1])) for h in history]), torch.cat(target)
+
+
+def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: Path, command: str) -> dict:
+    """Embed, rank and write the report; returns {row: {metric: mean}}."""
+    start = time.perf_counter()
+    dm.prepare_data()
+    dm.setup()
+    module = PolicyModule(policy, RewardConfig(), eval_max_new_tokens)
+    module.policy.model.eval()
+    layers = [-1, module.policy.model.config.num_hidden_layers // 2]
+    items = item_states(module, dm, layers)
+    method = next(iter(items))  # the marker at the last layer: the method's embedding
+    val_users = user_states(module, dm.val_dataloader(), layers)[0][method]
+    users, history, target = user_states(module, dm.test_dataloader(), layers)
+    common = val_users.mean(0)
+    ranks = {f"user: {name}": ranks_of(users[name], items[name], history, target) for name in items}
+    ranks[f"user: {method}, common direction"] = ranks_of(common.expand_as(users[method]), items[method], history,
+                                                          target)
+    ranks[f"user: {method}, centred"] = ranks_of(users[method] - common, items[method], history, target)
+    anisotropy = {}
+    for name, emb in items.items():
+        for centred in (False, True):
+            e = emb - emb[1:].mean(0) if centred else emb
+            unit = F.normalize(e, dim=-1)
+            unit[0] = 0  # padding in the histories adds nothing
+            row = f"items: {name}{', centred' if centred else ''}"
+            ranks[row] = ranks_of(unit[history.long()].sum(1), e, history, target)
+            anisotropy[row] = float((unit[1:] @ unit[1:].T).mean())
+    ranks["popularity"] = popularity_ranks(dm.item_popularity().float(), history, target)
+    values = {k: per_sample_metrics(v, KS) for k, v in ranks.items()}
+    values["random"] = random_expectation(candidate_counts(history, target, dm.num_items), KS)
+    intervals = bootstrap_intervals({**values, **paired_differences(values, of=f"user: {method}")}, seed=0)
+    names = metric_names(KS)
+    info = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_s": time.perf_counter() - start, "machine": machine(torch.get_num_threads())}
+    intro = (f"Data: {dm.processing.dataset}, {dm.num_items} items; model {policy.pretrained} without training; the "
+             f"common user direction is the mean of {len(val_users)} validation users' embeddings.")
+    notes = ["Mean item-item cosine of each item embedding:", "",
+             *[f"- {row}: {cos:.3f}" for row, cos in anisotropy.items()], ""]
+    summary = write_comparison(out, "embedding_probe", "What the untrained model's embeddings rank", info, intro,
+                               intervals, names, len(target), notes, item_item_cosine=anisotropy)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = data_parser("embedding_probe", __doc__)
+    parser.add_class_arguments(PolicyConfig, "policy")
+    parser.add_argument("--eval_max_new_tokens", type=int, default=8, help="greedy reasoning tokens per user")
+    parser.add_argument("--out", default="benchmarks/results/embedding_probe", help="results folder")
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parser.instantiate(parser.parse_args(argv))
+    summary = run(cfg.data, cfg.policy, cfg.eval_max_new_tokens, Path(cfg.out),
+                  shlex.join(["python", "benchmarks/embedding_probe.py", *argv]))
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from minirec.io import run_command  # a user error: one `error: ...` line, exit status 2 (--debug: traceback)
+
+    sys.exit(run_command(main))
