@@ -7,6 +7,8 @@ import io
 import math
 import os
 import platform
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -89,12 +91,14 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) ->
 
 
 def write_comparison(
-    out: Path, name: str, title: str, info: dict[str, Any], intro: str, intervals: dict, names: Sequence[str],
+    out: Path, name: str, title: str, command: str, start: float, intro: str, intervals: dict, names: Sequence[str],
     samples: int, notes: Sequence[str] = (), **extra: Any,
 ) -> dict[str, dict[str, float]]:
-    """Write `out/<name>.md` (header of `info`, `intro`, the comparison table of `intervals` {method: (mean, lo, hi)
-    over `names`}, then `notes` lines) and `out/metrics.json` (means, intervals, `test_samples` and `extra`); returns
-    {method: {metric: mean}}."""
+    """Write `out/<name>.md` (header: `command`, date, wall time since `start` (a `time.perf_counter()`), machine;
+    `intro`; the comparison table of `intervals` {method: (mean, lo, hi)} over `names`; `notes` lines) and
+    `out/metrics.json` (means, intervals, `test_samples` and `extra`); returns {method: {metric: mean}}."""
+    info = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_s": time.perf_counter() - start, "machine": machine(torch.get_num_threads())}
     text = run_header(title, info) + [intro, "", comparison_table(intervals, names, samples), *notes]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{name}.md", "\n".join(text))

@@ -26,13 +26,12 @@ import os
 import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench_common import data_parser, machine, print_summary, write_comparison
+from bench_common import data_parser, print_summary, write_comparison
 from datamodules import RecDataModule
 from lightning_modules.policy_module import PolicyModule
 from minirec.evaluation import (
@@ -136,15 +135,12 @@ def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: 
     values["random"] = random_expectation(candidate_counts(history, target, dm.num_items), KS)
     intervals = bootstrap_intervals({**values, **paired_differences(values, of=f"user: {method}")}, seed=0)
     names = metric_names(KS)
-    info = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "wall_s": time.perf_counter() - start, "machine": machine(torch.get_num_threads())}
     intro = (f"Data: {dm.processing.dataset}, {dm.num_items} items; model {policy.pretrained} without training; the "
              f"common user direction is the mean of {len(val_users)} validation users' embeddings.")
     notes = ["Mean item-item cosine of each item embedding:", "",
              *[f"- {row}: {cos:.3f}" for row, cos in anisotropy.items()], ""]
-    summary = write_comparison(out, "embedding_probe", "What the untrained model's embeddings rank", info, intro,
-                               intervals, names, len(target), notes, item_item_cosine=anisotropy)
-    return summary
+    return write_comparison(out, "embedding_probe", "What the untrained model's embeddings rank", command, start,
+                            intro, intervals, names, len(target), notes, item_item_cosine=anisotropy)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,12 +15,11 @@ import os
 import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from bench_common import data_parser, machine, print_summary, write_comparison, write_csv
+from bench_common import data_parser, print_summary, write_comparison, write_csv
 from datamodules import RecDataModule
 from minirec.evaluation import (
     bootstrap_intervals,
@@ -60,13 +59,12 @@ def run(dm: RecDataModule, sasrec: SASRecConfig, out: Path, command: str) -> dic
     intervals = bootstrap_intervals({**values, **paired_differences(values, of="sasrec")}, seed=0)
     names = metric_names(KS)
     best = max(log, key=lambda r: r["val_ndcg@10"])
-    info = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "wall_s": time.perf_counter() - start, "machine": machine(torch.get_num_threads())}
     intro = (f"Data: {dm.processing.dataset}, {dm.num_items} items; trained on all {len(train[1])} training samples, "
              f"early-stopped on all {len(valid[1])} validation samples: best epoch {best['epoch']} of {len(log)} "
              f"(validation NDCG@10 {best['val_ndcg@10']:.4f}), {train_s:.0f} s. Settings: {sasrec}.")
-    summary = write_comparison(out, "sasrec", "SASRec against popularity and random ranking", info, intro, intervals,
-                               names, len(target), best_epoch=best["epoch"], epochs=len(log), train_s=train_s)
+    summary = write_comparison(out, "sasrec", "SASRec against popularity and random ranking", command, start, intro,
+                               intervals, names, len(target), best_epoch=best["epoch"], epochs=len(log),
+                               train_s=train_s)
     write_csv(out / "training.csv", log, ("epoch", "loss", "val_ndcg@10"))
     return summary
 
