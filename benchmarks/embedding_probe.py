@@ -43,16 +43,15 @@ from minirec.evaluation import (
     popularity_ranks,
     random_expectation,
 )
-from minirec.policy import PolicyConfig, eval_mode
-from minirec.recpo import RewardConfig
-from minirec.rewards import mask_history, score_items, target_rank
+from minirec.policy import PolicyConfig, eval_mode, left_padded_positions
+from minirec.recpo import RewardConfig, score_rollouts
 
 KS = (10, 50)
 
 
 def ranks_of(user: torch.Tensor, catalog: torch.Tensor, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Target ranks `[S]` of users `[S, H]` against the catalogue `[N+1, H]`, history masked, as the reward ranks."""
-    return target_rank(mask_history(score_items(user, catalog), history, target), target)
+    """Target ranks `[S]` of users `[S, H]` against the catalogue `[N+1, H]`, history masked, as `minirec test` ranks."""
+    return score_rollouts(user, catalog, target, history, RewardConfig())[1]
 
 
 @torch.no_grad()
@@ -64,7 +63,7 @@ def hidden_states(
     the last layer) and the mean over the sequence (`mean`)."""
     decoder = module.policy.model.get_base_model().get_decoder()
     with eval_mode(module.policy), module.policy.model.disable_adapter():
-        states = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+        states = decoder(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask),
                          output_hidden_states=True).hidden_states
     weight = mask[..., None].float()
     out = {}

@@ -65,6 +65,11 @@ def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
+def left_padded_positions(mask: Tensor) -> Tensor:
+    """Position ids `[R, S]` of left-padded sequences with mask `[R, S]`: real tokens count 0, 1, ...; padding gets 0."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 @contextmanager
 def eval_mode(module: torch.nn.Module) -> Iterator[None]:
     """Run the block with `module` in eval mode (no dropout), then restore its previous mode."""
@@ -262,7 +267,7 @@ class Policy(torch.nn.Module):
         stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=input_ids.device)
         stop = MarkerStop(self.tokenizer, self.answer_marker, input_ids.shape[1])
         mask = None if attention_mask.all() else attention_mask
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = left_padded_positions(attention_mask)
         out = hf(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(num_samples)
@@ -314,7 +319,7 @@ class Policy(torch.nn.Module):
         if not bool(attention_mask[:, -1].all()):
             raise DataError("forward_sequences: attention_mask must be left-padded (last position real in every row)")
         hf = self.model.get_base_model()
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = left_padded_positions(attention_mask)
         hidden = hf.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # [R, S, H], after the final norm
@@ -357,7 +362,7 @@ class Policy(torch.nn.Module):
         dtype = self.model.get_input_embeddings().weight.dtype  # the hidden states' dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
         prompt_len = prompt_mask.long().sum(1, keepdim=True)  # [B, 1]
-        positions = torch.cat([(prompt_mask.long().cumsum(-1) - 1).clamp(min=0),
+        positions = torch.cat([left_padded_positions(prompt_mask),
                                (prompt_len + torch.arange(t, device=ids.device)).repeat(1, n)], dim=1)
         hidden = self.model.get_base_model().get_decoder()(
             input_ids=ids, attention_mask=mask[:, None], position_ids=positions, use_cache=False
