@@ -10,7 +10,8 @@ over the sequence; `L<i>` = after decoder layer i, the last one after the final 
 - `user: <embedding>`: the user sequence after greedy reasoning against the item prompts, both embedded alike;
   `user: marker L<last>` is the method's embedding, the zero-shot row of `minirec test`. With `common direction`
   every user is replaced by the mean user embedding of the validation samples (one ranking for all); `centred`
-  subtracts that mean from each user.
+  subtracts that mean from each user. `user: marker L<last> vs items: mean L<last>` ranks mean-pooled item prompts
+  with the method's user embedding (`both centred`: each side minus its mean, users by the validation users').
 - `items: <embedding>[, centred]`: content kNN without generation, the sum of a sample's normalised history-item
   embeddings ranks the catalogue; `centred` subtracts the catalogue's mean embedding first.
 Every row is also compared with the method's row, per sample on the same resamples (`user: marker L<last>-<row>`; an
@@ -120,6 +121,10 @@ def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: 
     ranks[f"user: {method}, common direction"] = ranks_of(common.expand_as(users[method]), items[method], history,
                                                           target)
     ranks[f"user: {method}, centred"] = ranks_of(users[method] - common, items[method], history, target)
+    pooled = method.replace("marker", "mean")  # the item prompts' mean state, the best content kNN embedding
+    ranks[f"user: {method} vs items: {pooled}"] = ranks_of(users[method], items[pooled], history, target)
+    ranks[f"user: {method} vs items: {pooled}, both centred"] = ranks_of(
+        users[method] - common, items[pooled] - items[pooled][1:].mean(0), history, target)
     anisotropy = {}
     for name, emb in items.items():
         for centred in (False, True):

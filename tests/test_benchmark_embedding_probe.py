@@ -64,9 +64,10 @@ def test_report_lists_every_row_against_baselines(bench, tmp_path) -> None:
     report = (out / "embedding_probe.md").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     rows = [line.split(" | ")[0][2:] for line in report.splitlines() if line.startswith("| ")][1:]  # table order
-    assert rows[:6] == ["user: marker L2", "user: mean L2", "user: marker L1", "user: mean L1",
-                        "user: marker L2, common direction", "user: marker L2, centred"]
-    methods = 6 + 8 + 2  # users, items (2 layers x 2 poolings x raw / centred), popularity and random
+    assert rows[:8] == ["user: marker L2", "user: mean L2", "user: marker L1", "user: mean L1",
+                        "user: marker L2, common direction", "user: marker L2, centred",
+                        "user: marker L2 vs items: mean L2", "user: marker L2 vs items: mean L2, both centred"]
+    methods = 8 + 8 + 2  # users, items (2 layers x 2 poolings x raw / centred), popularity and random
     assert rows[methods - 2: methods] == ["popularity", "random"]
     assert rows[methods:] == [f"user: marker L2-{row}" for row in rows[1:methods]]  # paired with the method's row
     assert set(rows) == set(metrics["summary"])
