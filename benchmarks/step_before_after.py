@@ -105,7 +105,8 @@ def run_child(tree: Path, spec: str, quick: bool, cache: str, work: Path) -> dic
     if done.returncode:
         from minirec.io import DataError
 
-        raise DataError(f"{spec} step of {tree} failed: {done.stderr.strip().splitlines()[-1:]}")
+        last = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise DataError(f"{spec} step of {tree} failed: {last[0]}")
     return json.loads(out.read_text())
 
 
