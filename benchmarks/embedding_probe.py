@@ -121,7 +121,7 @@ def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: 
     ranks[f"user: {method}, common direction"] = ranks_of(common.expand_as(users[method]), items[method], history,
                                                           target)
     ranks[f"user: {method}, centred"] = ranks_of(users[method] - common, items[method], history, target)
-    pooled = method.replace("marker", "mean")  # the item prompts' mean state, the best content kNN embedding
+    pooled = method.replace("marker", "mean")  # the item prompts' mean state (All_Beauty's best content-kNN embedding)
     ranks[f"user: {method} vs items: {pooled}"] = ranks_of(users[method], items[pooled], history, target)
     ranks[f"user: {method} vs items: {pooled}, both centred"] = ranks_of(
         users[method] - common, items[pooled] - items[pooled][1:].mean(0), history, target)

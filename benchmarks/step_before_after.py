@@ -154,13 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement in this process
     parser.add_argument("--measure_out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     if args.measure:
         measure(args.measure, args.quick, args.cache_dir, args.measure_out)
         return 0
+    # imported here, not at the top: a measurement runs with the earlier tree's minirec, which bench_common may not fit
+    import torch
+
     from bench_common import machine, markdown_table, run_header, write_csv
     from minirec.io import atomic_write_text
-
-    import torch
 
     start = time.perf_counter()
     cache = str(Path(args.cache_dir).resolve())
@@ -183,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["vs_before"] = row["samples_per_s"] / rows[0]["samples_per_s"]
     args.out.mkdir(parents=True, exist_ok=True)
-    info = {"command": shlex.join(["python", "benchmarks/step_before_after.py", *(sys.argv[1:] if argv is None
-                                                                                 else argv)]),
+    info = {"command": shlex.join(["python", "benchmarks/step_before_after.py", *argv]),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - start,
             "machine": machine(torch.get_num_threads())}
     write_csv(args.out / "step_before_after.csv", rows, list(COLUMNS))
