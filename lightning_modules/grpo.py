@@ -6,7 +6,8 @@ aggregation modes, optional KL to the frozen base model); recommendation InfoNCE
 with item embeddings computed with gradient for this device's targets and detached copies from other devices as extra
 negatives; micro-batched backward with gradient clipping; `loss_impl: reference` to reproduce the published code's
 broadcast. The catalogue is encoded at train start and at every validation (sharded over devices), its in-batch target
-rows are refreshed after each step, and it is fully re-encoded every `catalog_refresh_every_n_steps`. Validation and
+rows are refreshed after each step, and it is fully re-encoded every `catalog_refresh_every_n_steps`. With
+`policy.item_encoder: base` the items are the base model's, encoded once and never refreshed, without gradient. Validation and
 test: greedy reasoning, user embedding, full ranking with history masked, NDCG@K and HR@K for K in 5, 10, 20, 50.
 Checkpoints hold only the trainable (LoRA) weights with the optimizer and loop state, and the cached catalogue. Each
 training step reseeds torch from (run seed, step, rank), so a fit resumed from any checkpoint ends where an unbroken one
@@ -126,13 +127,13 @@ class GRPOModule(PolicyModule):
         if restored is not None:
             self.catalog = restored.to(self.device)
         else:
-            self.catalog = self.encode_base_catalog() if self.policy.adapter_is_identity() else self.encode_catalog()
+            self.catalog = self.encode_base_catalog() if self.policy.adapter_is_identity() else self.ranking_catalog()
 
     def on_validation_epoch_start(self) -> None:
-        self.catalog = self.encode_catalog()
+        self.catalog = self.ranking_catalog()
 
     def on_test_epoch_start(self) -> None:
-        self.catalog = self.encode_catalog()
+        self.catalog = self.ranking_catalog()
         if self.hparams.test_baselines:
             self.zero_shot_catalog = self.encode_base_catalog()
             self.popularity = self.trainer.datamodule.item_popularity().float().to(self.device)
@@ -145,7 +146,7 @@ class GRPOModule(PolicyModule):
         reseed(self.run_seed, self.global_step, self.global_rank)
         every = self.optim.catalog_refresh_every_n_steps
         if self.catalog is None or (every and self.global_step > 0 and self.global_step % every == 0):
-            self.catalog = self.encode_catalog()
+            self.catalog = self.ranking_catalog()
 
         t0 = time.perf_counter()
         ro = sample_rollouts(self.policy, batch, self.sampling, engine=self.rollout_engine(self.sampling))
@@ -166,9 +167,11 @@ class GRPOModule(PolicyModule):
         for _ in range(self.optim.ppo_epochs):
             totals: dict[str, torch.Tensor] = {}
             # the items are encoded once per update: each micro-batch's backward stops at `items` and collects its
-            # gradient there, and one backward through the encoder passes the sum on to the weights
-            emb = self._item_embeddings(uniq if neg_ids is None else torch.cat([uniq, neg_ids]))
-            items = emb.detach().requires_grad_()
+            # gradient there, and one backward through the encoder passes the sum on to the weights (fixed base-model
+            # items are catalogue rows without gradient)
+            ids = uniq if neg_ids is None else torch.cat([uniq, neg_ids])
+            emb = None if self.items_fixed else self._item_embeddings(ids)
+            items = self.catalog[ids] if emb is None else emb.detach().requires_grad_()
             item_emb, neg_emb = items[: uniq.shape[0]], items[uniq.shape[0]:]
             for sl, part in ro.prompt_slices(mb):
                 extra, extra_ids, extra_mask = self._extra_negatives(item_emb, uniq, part.history, neg_ids, neg_emb)
@@ -193,8 +196,9 @@ class GRPOModule(PolicyModule):
             opt.zero_grad()
         sched.step()
         t3 = time.perf_counter()
-        with torch.no_grad(), eval_mode(self.policy):
-            self.catalog[uniq] = self._item_embeddings(uniq).float()
+        if not self.items_fixed:
+            with torch.no_grad(), eval_mode(self.policy):
+                self.catalog[uniq] = self._item_embeddings(uniq).float()
 
         lengths = ro.lengths.float()
         groups = rewards.view(-1, self.sampling.group_size)

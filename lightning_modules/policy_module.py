@@ -101,20 +101,30 @@ class PolicyModule(L.LightningModule):
         catalog[1:] = gathered.reshape(-1, local.shape[1])[:n]
         return catalog
 
-    def encode_base_catalog(self) -> torch.Tensor:
+    def encode_base_catalog(self, shard: bool = True) -> torch.Tensor:
         """The catalogue as the base model (adapter off) encodes it, `[N+1, H]`: encoded once per process for a given
         model, device layout and set of item prompts, since every fit starts from the base model (a fresh adapter
         computes exactly what the base does) and every test's zero-shot reference is the base model."""
         dm = self.trainer.datamodule
         prompts = [dm.items[i]["prompt_ids"] for i in range(dm.num_items)]
-        key = hashlib.sha256(repr((asdict(self.policy_config), str(self.device), self.trainer.world_size,
+        key = hashlib.sha256(repr((asdict(self.policy_config), str(self.device), self.trainer.world_size, shard,
                                    prompts)).encode()).hexdigest()
         if key not in _BASE_CATALOG:
             with self.policy.model.disable_adapter():
-                catalog = self.encode_catalog()
+                catalog = self.encode_catalog(shard)
             _BASE_CATALOG.clear()  # one model per process at a time
             _BASE_CATALOG[key] = catalog.cpu().clone()
         return _BASE_CATALOG[key].to(self.device, copy=True)  # a copy: training refreshes rows of its catalogue
+
+    def ranking_catalog(self, shard: bool = True) -> torch.Tensor:
+        """The catalogue `[N+1, H]` users are ranked against: the policy's own encoding, or the base model's with
+        `policy.item_encoder: base` (fixed for the whole run)."""
+        return self.encode_base_catalog(shard) if self.items_fixed else self.encode_catalog(shard)
+
+    @property
+    def items_fixed(self) -> bool:
+        """True when item embeddings come from the base model and never change (`policy.item_encoder: base`)."""
+        return self.policy_config.item_encoder == "base"
 
     @torch.no_grad()
     def user_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -112,7 +112,7 @@ class ScoringModule(PolicyModule):
 
     def on_predict_start(self) -> None:
         """Encode the catalogue; warn when the reward's NDCG cutoff covers it (every rollout is rewarded)."""
-        self.catalog = self.encode_catalog(shard=False)
+        self.catalog = self.ranking_catalog(shard=False)
         items, k = self.catalog.shape[0] - 1, self.reward.ndcg_k
         if k >= items:
             rank_zero_warn(f"reward.ndcg_k {k} ≥ the catalogue's {items} items: every rollout earns NDCG reward, so "

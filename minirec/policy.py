@@ -136,6 +136,8 @@ class Policy(torch.nn.Module):
             raise ConfigError(f"model.dtype={c.dtype!r}: expected one of {', '.join(_DTYPES)}, auto")
         if c.logprob_chunk_size < 1:
             raise ConfigError(f"model.logprob_chunk_size={c.logprob_chunk_size}: must be >= 1")
+        if c.item_encoder not in ("policy", "base"):
+            raise ConfigError(f"model.item_encoder={c.item_encoder!r}: expected 'policy' or 'base'")
         path = resolve_pretrained(c.pretrained)
         self.tokenizer = load_tokenizer(path)
         self.answer_marker = c.answer_marker
@@ -465,6 +467,9 @@ class PolicyConfig:
         adapter_path: a PEFT adapter folder (from `save_adapter`) to start from, loaded trainable; the `lora_*`
             settings are then taken from that adapter.
         logprob_chunk_size: completion positions per lm_head / log-softmax chunk (bounds the fp32 logits memory).
+        item_encoder: what encodes the items users are ranked against: "policy" (the method's: the model being
+            trained, so item embeddings move with the adapter) or "base" (the base model with the adapter off, encoded
+            once and fixed: only user embeddings learn, and the pretrained model's item space is kept).
     """
 
     pretrained: str = "tiny-random-qwen2"
@@ -478,3 +483,4 @@ class PolicyConfig:
     answer_marker: str = "<answer>"
     adapter_path: str | None = None
     logprob_chunk_size: int = 1024
+    item_encoder: str = "policy"

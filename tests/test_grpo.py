@@ -13,7 +13,7 @@ from datamodules import RecDataModule
 from lightning_modules import GRPOModule
 from lightning_modules.grpo import OptimConfig
 from minirec.losses import LossConfig
-from minirec.io import DataError
+from minirec.io import ConfigError, DataError
 from minirec.policy import PolicyConfig
 from minirec.processing import ProcessingConfig
 from minirec.recpo import SamplingConfig
@@ -310,3 +310,34 @@ def test_base_catalogue_is_encoded_once_and_equals_a_fresh_adapters(tmp_path: Pa
     assert torch.equal(start.cached, start.with_adapter)
     assert torch.equal(module.zero_shot_catalog, start.cached)
     assert len(calls) == 3  # base (train start), the probe above, the policy's at test: zero-shot was not re-encoded
+
+
+def test_fixed_base_items_stay_fixed_while_users_learn(tmp_path: Path) -> None:
+    """`policy.item_encoder: base`: every catalogue of the run (train start, after each step, validation, test) is the
+    base model's, the rec loss's items carry no gradient, and the user side still learns the planted preferences."""
+    from lightning_modules import policy_module
+
+    L.seed_everything(0)
+    policy_module._BASE_CATALOG.clear()
+    module = GRPOModule(
+        policy=PolicyConfig(pretrained="tiny-random-qwen2", lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                            item_encoder="base"),
+        sampling=SamplingConfig(group_size=2, max_new_tokens=4), optim=OptimConfig(lr=3e-3, micro_batch_size=8),
+        eval_max_new_tokens=4,
+    )
+    seen = []
+    real = module.loss.forward
+    module.loss.forward = lambda *a, **k: seen.append(a[5].requires_grad) or real(*a, **k)
+    dm = make_dm(tmp_path, max_test_samples=16)
+    t = trainer(tmp_path, max_steps=20, limit_val_batches=3, enable_checkpointing=False, limit_train_batches=20)
+    before = t.validate(module, datamodule=dm, verbose=False)[0]["val/ndcg@10"]
+    base = module.catalog.clone()
+    t.fit(module, datamodule=dm)
+    assert torch.equal(module.catalog, base)  # not refreshed by the steps
+    after = t.validate(module, datamodule=dm, verbose=False)[0]["val/ndcg@10"]
+    assert torch.equal(module.catalog, base) and seen and not any(seen)
+    assert after > before + 0.1, (before, after)
+    t.test(module, datamodule=dm, verbose=False)
+    assert torch.equal(module.catalog, base) and torch.equal(module.zero_shot_catalog, base)
+    with pytest.raises(ConfigError, match="model.item_encoder='lora'"):
+        GRPOModule(policy=PolicyConfig(item_encoder="lora"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +14,7 @@ import torch
 
 from callbacks import ScoreWriter
 from datamodules import RecDataModule
-from lightning_modules import GRPOModule, ScoringModule
+from lightning_modules import GRPOModule, ScoringModule, policy_module
 from minirec.io import DataError
 from minirec.policy import PolicyConfig
 from minirec.subsets import SelectionConfig
@@ -81,6 +82,11 @@ def test_proxy_from_checkpoint_and_adapter(tmp_path: Path) -> None:
     predict(tmp_path, from_adapter, tmp_path / "scores", ks=(6,))  # the selection records the proxy it was made with
     selection = json.loads((tmp_path / "scores" / "selection.json").read_text())
     assert selection["proxy_checkpoint"] == str(tmp_path / "adapter")
+    fixed = ScoringModule(proxy=str(tmp_path / "adapter"), policy=replace(TINY, item_encoder="base"), sampling=SAMPLING,
+                          num_rollouts=2, eval_max_new_tokens=3)
+    predict(tmp_path, fixed, tmp_path / "scores_fixed", ks=(6,))  # `item_encoder: base` scores against the base items
+    assert torch.equal(fixed.catalog, next(iter(policy_module._BASE_CATALOG.values())))
+    assert not torch.allclose(fixed.catalog, from_adapter.catalog, atol=1e-4)
     with pytest.raises(DataError, match="no such checkpoint file or adapter folder"):
         ScoringModule(proxy=str(tmp_path / "missing.ckpt"))
     with pytest.raises(DataError, match="model.space must be"):
