@@ -7,8 +7,9 @@ with item embeddings computed with gradient for this device's targets and detach
 negatives; micro-batched backward with gradient clipping; `loss_impl: reference` to reproduce the published code's
 broadcast. The catalogue is encoded at train start and at every validation (sharded over devices), its in-batch target
 rows are refreshed after each step, and it is fully re-encoded every `catalog_refresh_every_n_steps`. With
-`policy.item_encoder: base` the items are the base model's, encoded once and never refreshed, without gradient. Validation and
-test: greedy reasoning, user embedding, full ranking with history masked, NDCG@K and HR@K for K in 5, 10, 20, 50.
+`policy.item_encoder: base` the items are the base model's, encoded once and never refreshed, without gradient.
+Validation and test: greedy reasoning, user embedding, full ranking with history masked, NDCG@K and HR@K for K in 5,
+10, 20, 50.
 Checkpoints hold only the trainable (LoRA) weights with the optimizer and loop state, and the cached catalogue. Each
 training step reseeds torch from (run seed, step, rank), so a fit resumed from any checkpoint ends where an unbroken one
 does.
