@@ -216,8 +216,8 @@ class LossConfig:
         rec_loss_weight: weight of the recommendation loss in the total loss.
         rec_negatives: negatives of the recommendation loss: `in_batch` (the method's: the other in-batch targets, and
             other devices' targets) or `sampled` (the in-batch targets and `sampled_negatives` catalogue items drawn at
-            random each step and encoded then by the current model, detached, the row's history masked; for small
-            batches, where in-batch negatives are too few to rank the catalogue).
+            random each step and encoded with the targets by the current model, with gradient, the row's history
+            masked; for small batches, where in-batch negatives are too few to rank the catalogue).
         sampled_negatives: items drawn per step for `rec_negatives: sampled`.
         loss_impl: `intended` (per-row advantages) or `reference` (the published code's broadcast; for parity only).
     """
