@@ -192,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     text = run_header("RecPO training step before and after the speed work", info) + [
         f"Each row is its own process over the same {runs[0][2]['batch'] * (len(runs[0][2]['seconds']) + 1)} pool "
         "samples and settings; mean over the measured steps after one warm-up step. The phases (seconds) are what "
-        "the newer code logs: generate = sampling the rollouts, score = old log-probs, user embeddings and rewards, "
-        "update = loss forward, backward and optimizer, refresh = re-encoding the batch's catalogue rows.", "",
+        "the newer code logs: generate = sampling the rollouts, score = a scoring pass before the update (old "
+        "log-probs, user embeddings, rewards; none where the update's own forward gives the rewards), update = loss "
+        "forward (with the rewards), backward and optimizer, refresh = re-encoding the batch's catalogue rows.", "",
         markdown_table(rows, COLUMNS), "", "![samples/s](step_before_after.png)", ""]
     atomic_write_text(args.out / "step_before_after.md", "\n".join(text))
     plot(rows, args.out)

@@ -370,7 +370,8 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dic
             "bound_tokens_per_s": "bound tokens/s", "share_of_bound": "share of bound"}), "",
         "## A RecPO training step (with its time breakdown) and scoring, on the same samples", "",
         f"Mean over {plan.steps - 1} batch(es) after one warm-up batch, run by a Lightning Trainer. Breakdown: "
-        "generate = sampling the rollouts; score = old log-probs, user embeddings and rewards; update = loss forward, "
+        "generate = sampling the rollouts; score = a scoring pass before the update (old log-probs, user embeddings, "
+        "rewards; none where the update's own forward gives the rewards); update = loss forward (with the rewards), "
         "backward and optimizer; refresh = re-encoding the batch's catalogue rows.", "",
         markdown_table(steps, {"model": "model", "dtype": "dtype", "engine": "engine", "measure": "measure",
                                "batch": "samples per batch",

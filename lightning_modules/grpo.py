@@ -39,7 +39,15 @@ from minirec.io import ConfigError, allow_in_checkpoints, atomic_write_json, ato
 from minirec.losses import LossConfig, RecPOLoss, dedupe_targets
 from minirec.metrics import RankingMetrics, TestRecords
 from minirec.policy import PolicyConfig, eval_mode
-from minirec.recpo import RewardConfig, SamplingConfig, reseed, rollout_forward, sample_rollouts, score_rollouts
+from minirec.recpo import (
+    RewardConfig,
+    Rollouts,
+    SamplingConfig,
+    reseed,
+    rollout_forward,
+    sample_rollouts,
+    score_rollouts,
+)
 from minirec.rewards import item_negatives
 
 
@@ -142,7 +150,9 @@ class GRPOModule(PolicyModule):
     # -- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Rollout → reward → loss → update: G rollouts per prompt, their rewards against the cached catalogue, then
-        `ppo_epochs` updates of the RecPO loss over micro-batches of rows, and the in-batch catalogue rows refreshed."""
+        `ppo_epochs` updates of the RecPO loss over micro-batches of rows, and the in-batch catalogue rows refreshed.
+        The rewards come from a scoring pass before the update, or from the update's own forward where that gives
+        the same ones (`separate_scoring_pass`)."""
         opt, sched, mb = self.optimizers(), self.lr_schedulers(), self.optim.micro_batch_size
         reseed(self.run_seed, self.global_step, self.global_rank)
         every = self.optim.catalog_refresh_every_n_steps
@@ -152,14 +162,14 @@ class GRPOModule(PolicyModule):
         t0 = time.perf_counter()
         ro = sample_rollouts(self.policy, batch, self.sampling, engine=self.rollout_engine(self.sampling))
         t1 = time.perf_counter()
-        old_lp, h = rollout_forward(self.policy, ro, mb)
+        scored = None  # (rewards, advantages, token-loss advantages, rec-loss weights), each [R], from a scoring pass
+        if self.separate_scoring_pass:
+            old_lp, h = rollout_forward(self.policy, ro, mb)
+            scored = self._rewards(h, ro, batch)
         ref_lp = None
         if self.loss.config.kl_beta > 0:
             with self.policy.model.disable_adapter():
                 ref_lp, _ = rollout_forward(self.policy, ro, mb)
-        rewards, _ = score_rollouts(h, self.catalog, ro.target, ro.history, self.reward)
-        self._check_finite("reward", rewards, batch)
-        adv, token_adv, rec_weights = self.loss.weights(rewards)
 
         t2 = time.perf_counter()
         uniq, t_index = dedupe_targets(ro.target)
@@ -174,12 +184,15 @@ class GRPOModule(PolicyModule):
             emb = None if self.items_fixed else self._item_embeddings(ids)
             items = self.catalog[ids] if emb is None else emb.detach().requires_grad_()
             item_emb, neg_emb = items[: uniq.shape[0]], items[uniq.shape[0]:]
+            parts = []  # per micro-batch (rewards, advantages, token-loss advantages, rec-loss weights)
             for sl, part in ro.prompt_slices(mb):
                 extra, extra_ids, extra_mask = self._extra_negatives(item_emb, uniq, part.history, neg_ids, neg_emb)
                 lp, h_mb = part.forward(self.policy)
+                parts.append([x[sl] for x in scored] if scored else self._rewards(h_mb.detach(), part, batch))
+                _, _, token_adv, rec_weights = parts[-1]
                 old = lp.detach() if self.optim.ppo_epochs == 1 else old_lp[sl]
                 loss, stats = self.loss(
-                    lp, old, part.completion_mask, token_adv[sl], h_mb, item_emb, t_index[sl], rec_weights[sl],
+                    lp, old, part.completion_mask, token_adv, h_mb, item_emb, t_index[sl], rec_weights,
                     batch_rows=ro.rows, batch_tokens=n_tokens, max_len=ro.completion_ids.shape[1],
                     ref_logprobs=None if ref_lp is None else ref_lp[sl], extra_negatives=extra, item_ids=uniq,
                     extra_ids=extra_ids, extra_mask=extra_mask,
@@ -201,6 +214,7 @@ class GRPOModule(PolicyModule):
             with torch.no_grad(), eval_mode(self.policy):
                 self.catalog[uniq] = self._item_embeddings(uniq).float()
 
+        rewards, adv = (torch.cat(x) for x in list(zip(*parts))[:2])
         lengths = ro.lengths.float()
         groups = rewards.view(-1, self.sampling.group_size)
         self.log_dict(
@@ -219,8 +233,8 @@ class GRPOModule(PolicyModule):
                 "train/completion_len": lengths.mean(),
                 "train/rollout_tokens_per_s": lengths.sum() / max(t1 - t0, 1e-9),
                 "train/time_generate_s": torch.tensor(t1 - t0),
-                "train/time_score_s": torch.tensor(t2 - t1),  # old log-probs, user embeddings, rewards
-                "train/time_update_s": torch.tensor(t3 - t2),  # loss forward, backward, optimizer
+                "train/time_score_s": torch.tensor(t2 - t1),  # scoring pass (old log-probs, rewards), if any
+                "train/time_update_s": torch.tensor(t3 - t2),  # loss forward (+ rewards), backward, optimizer
                 "train/time_refresh_s": torch.tensor(time.perf_counter() - t3),  # in-batch catalogue rows
                 "train/clip_frac": stats["clip_frac"],
                 "train/lr": torch.tensor(opt.param_groups[0]["lr"]),
@@ -230,6 +244,22 @@ class GRPOModule(PolicyModule):
             batch_size=batch["target"].shape[0],
         )
         self.log("reward", rewards.mean(), prog_bar=True, on_step=True, batch_size=batch["target"].shape[0])
+
+    @property
+    def separate_scoring_pass(self) -> bool:
+        """Whether the rewards need a no-grad, eval-mode forward of the rollouts before the update. Not when the
+        update's own forward gives the same user embeddings (no LoRA dropout) and each micro-batch's advantages
+        follow from its own groups (one update per batch, per-row advantages): then the update scores each micro-batch
+        from its forward, and the rollouts run once instead of twice."""
+        return (self.optim.ppo_epochs > 1 or self.loss.config.loss_impl != "intended"
+                or self.policy.config.lora_dropout > 0)
+
+    def _rewards(self, h: torch.Tensor, ro: Rollouts, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Rollout user embeddings `[R, H]` -> [rewards, advantages, token-loss advantages, rec-loss weights], each
+        `[R]`, against the cached catalogue."""
+        rewards, _ = score_rollouts(h, self.catalog, ro.target, ro.history, self.reward)
+        self._check_finite("reward", rewards, batch)
+        return [rewards, *self.loss.weights(rewards)]
 
     def _sampled_negatives(self, targets: torch.Tensor) -> torch.Tensor | None:
         """`rec_negatives: sampled`: ids `[K]` of this step's random catalogue items other than the in-batch `targets`,

@@ -16,7 +16,7 @@ from minirec.losses import LossConfig
 from minirec.io import ConfigError, DataError
 from minirec.policy import PolicyConfig
 from minirec.processing import ProcessingConfig
-from minirec.recpo import SamplingConfig
+from minirec.recpo import SamplingConfig, rollout_forward
 
 SYNTH = ProcessingConfig(dataset="synthetic", synthetic_users=160, synthetic_items=32)
 
@@ -66,11 +66,14 @@ class LoraGrads(L.Callback):
 
 def test_update_does_not_depend_on_the_micro_batch_size(tmp_path: Path) -> None:
     """An update over 1, 2 or 4 micro-batches has the same gradient: each micro-batch's loss carries its share, and
-    the items (targets and sampled negatives, encoded once per update) receive every micro-batch's gradient."""
+    the items (targets and sampled negatives, encoded once per update) receive every micro-batch's gradient.
+    (Leave-one-out advantages: the rewards of differently sized forwards differ by rounding, which the gaussian
+    advantage of a group with near-equal rewards would magnify.)"""
     grads = []
     for mb in (8, 4, 2):
         L.seed_everything(0)
-        module = make_module(lr=1e-2, micro_batch_size=mb, loss=LossConfig(rec_negatives="sampled", sampled_negatives=8))
+        loss = LossConfig(advantage="leave_one_out", rec_negatives="sampled", sampled_negatives=8)
+        module = make_module(lr=1e-2, micro_batch_size=mb, loss=loss)
         record = LoraGrads()
         trainer(tmp_path / str(mb), max_steps=1, limit_val_batches=0, enable_checkpointing=False,
                 callbacks=[record]).fit(module, datamodule=make_dm(tmp_path, train_batch_size=4))
@@ -79,6 +82,38 @@ def test_update_does_not_depend_on_the_micro_batch_size(tmp_path: Path) -> None:
     for other in grads[1:]:
         for key, value in grads[0].items():
             torch.testing.assert_close(other[key], value, atol=1e-6, rtol=1e-4)
+
+
+def test_update_scoring_its_own_forward_equals_a_separate_scoring_pass(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one update per batch and no LoRA dropout the update takes each micro-batch's rewards from its own
+    forward; its rewards, advantages and gradients are those of a separate no-grad scoring pass. Dropout, more PPO
+    epochs or the reference loss need the separate pass."""
+    runs = []
+    for separate in (False, True):
+        L.seed_everything(0)
+        monkeypatch.setattr(GRPOModule, "separate_scoring_pass", property(lambda self, s=separate: s))
+        module, record, seen = make_module(lr=1e-2, micro_batch_size=4), LoraGrads(), []
+        real = module.loss.forward
+        module.loss.forward = lambda *a, **k: seen.append((a[3], a[7])) or real(*a, **k)
+        calls = []
+        monkeypatch.setattr("lightning_modules.grpo.rollout_forward",
+                            lambda *a, **k: calls.append(1) or rollout_forward(*a, **k))
+        trainer(tmp_path / str(separate), max_steps=2, limit_val_batches=0, enable_checkpointing=False,
+                callbacks=[record]).fit(module, datamodule=make_dm(tmp_path, train_batch_size=4))
+        assert len(calls) == (2 if separate else 0) and len(seen) == 2 * 2  # 2 steps x 2 micro-batches
+        assert any(adv.abs().max() > 0 for adv, _ in seen)
+        runs.append((seen, record.grads))
+    for (fused, fused_grads), (separate, separate_grads) in [runs]:
+        for a, b in zip(fused, separate):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        for g, h in zip(fused_grads, separate_grads):
+            for key in g:
+                torch.testing.assert_close(g[key], h[key], atol=1e-6, rtol=1e-4)
+    monkeypatch.undo()
+    assert not make_module().separate_scoring_pass
+    assert make_module(ppo_epochs=2).separate_scoring_pass
+    assert make_module(loss=LossConfig(loss_impl="reference")).separate_scoring_pass
 
 
 class SeenIds(L.Callback):
