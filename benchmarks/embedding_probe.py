@@ -14,6 +14,9 @@ over the sequence; `L<i>` = after decoder layer i, the last one after the final 
   with the method's user embedding (`both centred`: each side minus its mean, users by the validation users').
 - `items: <embedding>[, centred]`: content kNN without generation, the sum of a sample's normalised history-item
   embeddings ranks the catalogue; `centred` subtracts the catalogue's mean embedding first.
+- `user: marker L<last>, linear map` (with `--linear_map`): the method's zero-shot user embedding through an affine
+  map fitted on the training split's users (`max_predict_samples` of them) against the fixed base-model items, the
+  best of it on the validation users kept: what learning the user side alone can add to zero-shot on this split.
 Every row is also compared with the method's row, per sample on the same resamples (`user: marker L<last>-<row>`; an
 interval that excludes 0 separates the two). The mean item-item cosine of each item embedding (1 = every item alike)
 is listed under the table.
@@ -46,6 +49,7 @@ from minirec.evaluation import (
 )
 from minirec.policy import PolicyConfig, eval_mode, left_padded_positions
 from minirec.recpo import RewardConfig, score_rollouts
+from minirec.rewards import mask_history, score_items
 
 KS = (10, 50)
 
@@ -104,7 +108,37 @@ def user_states(module: PolicyModule, loader, layers: list[int]) -> tuple[dict[s
     return stack(parts), torch.cat([F.pad(h, (0, width - h.shape[1])) for h in history]), torch.cat(target)
 
 
-def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: Path, command: str) -> dict:
+def fit_linear_map(train: tuple[torch.Tensor, ...], val: tuple[torch.Tensor, ...], items: torch.Tensor,
+                   epochs: int = 300, lr: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """An affine map u = h W + b of user embeddings, from the identity, fitted by full-batch Adam on the rec loss over
+    the whole catalogue (softmax of cos / τ, history masked) of the training users; `train` and `val` are (embeddings
+    `[S, H]`, histories `[S, L]`, targets `[S]`), `items` `[N+1, H]`. Returns W `[H, H]` and b `[H]` of the epoch
+    with the best validation NDCG@10, and that metric per epoch (entry 0: the identity, i.e. zero-shot)."""
+    users, history, target = train
+    w = torch.eye(users.shape[1], requires_grad=True)
+    b = torch.zeros(users.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+
+    def val_ndcg() -> float:
+        with torch.no_grad():
+            return float(per_sample_metrics(ranks_of(val[0] @ w + b, items, val[1], val[2]), (10,))[:, 0].mean())
+
+    curve = [val_ndcg()]
+    best = (w.detach().clone(), b.detach().clone())
+    for _ in range(epochs):
+        scores = mask_history(score_items(users @ w + b, items, RewardConfig().tau), history, target)
+        loss = F.cross_entropy(scores, target.long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        curve.append(val_ndcg())
+        if curve[-1] > max(curve[:-1]):
+            best = (w.detach().clone(), b.detach().clone())
+    return *best, curve
+
+
+def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: Path, command: str,
+        linear_map: bool = False) -> dict:
     """Embed, rank and write the report; returns {row: {metric: mean}}."""
     start = time.perf_counter()
     dm.prepare_data()
@@ -114,7 +148,8 @@ def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: 
     layers = [-1, module.policy.model.config.num_hidden_layers // 2]
     items = item_states(module, dm, layers)
     method = next(iter(items))  # the marker at the last layer: the method's embedding
-    val_users = user_states(module, dm.val_dataloader(), layers)[0][method]
+    val_states, val_history, val_target = user_states(module, dm.val_dataloader(), layers)
+    val_users = val_states[method]
     users, history, target = user_states(module, dm.test_dataloader(), layers)
     common = val_users.mean(0)
     ranks = {f"user: {name}": ranks_of(users[name], items[name], history, target) for name in items}
@@ -125,6 +160,16 @@ def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: 
     ranks[f"user: {method} vs items: {pooled}"] = ranks_of(users[method], items[pooled], history, target)
     ranks[f"user: {method} vs items: {pooled}, both centred"] = ranks_of(
         users[method] - common, items[pooled] - items[pooled][1:].mean(0), history, target)
+    notes = []
+    if linear_map:
+        train_states, train_history, train_target = user_states(module, dm.predict_dataloader(), layers)
+        w, b, curve = fit_linear_map((train_states[method], train_history, train_target),
+                                     (val_users, val_history, val_target), items[method])
+        ranks[f"user: {method}, linear map"] = ranks_of(users[method] @ w + b, items[method], history, target)
+        best = max(range(len(curve)), key=curve.__getitem__)
+        notes += [f"Linear map: fitted on {len(train_target)} training users; validation NDCG@10 {curve[0]:.4f} "
+                  f"(zero-shot, epoch 0), best {curve[best]:.4f} at epoch {best} of {len(curve) - 1}; by 30 epochs: "
+                  + ", ".join(f"{v:.4f}" for v in curve[::30]), ""]
     anisotropy = {}
     for name, emb in items.items():
         for centred in (False, True):
@@ -141,7 +186,7 @@ def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: 
     names = metric_names(KS)
     intro = (f"Data: {dm.processing.dataset}, {dm.num_items} items; model {policy.pretrained} without training; the "
              f"common user direction is the mean of {len(val_users)} validation users' embeddings.")
-    notes = ["Mean item-item cosine of each item embedding:", "",
+    notes += ["Mean item-item cosine of each item embedding:", "",
              *[f"- {row}: {cos:.3f}" for row, cos in anisotropy.items()], ""]
     return write_comparison(out, "embedding_probe", "What the untrained model's embeddings rank", command, start,
                             intro, intervals, names, len(target), notes, item_item_cosine=anisotropy)
@@ -151,11 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = data_parser("embedding_probe", __doc__)
     parser.add_class_arguments(PolicyConfig, "policy")
     parser.add_argument("--eval_max_new_tokens", type=int, default=8, help="greedy reasoning tokens per user")
+    parser.add_argument("--linear_map", type=bool, default=False,
+                        help="also fit an affine map of the zero-shot user embedding on the training split's users")
     parser.add_argument("--out", default="benchmarks/results/embedding_probe", help="results folder")
     argv = sys.argv[1:] if argv is None else argv
     cfg = parser.instantiate(parser.parse_args(argv))
     summary = run(cfg.data, cfg.policy, cfg.eval_max_new_tokens, Path(cfg.out),
-                  shlex.join(["python", "benchmarks/embedding_probe.py", *argv]))
+                  shlex.join(["python", "benchmarks/embedding_probe.py", *argv]), cfg.linear_map)
     print_summary(summary)
     return 0
 

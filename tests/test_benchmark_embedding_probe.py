@@ -59,15 +59,18 @@ def test_marker_state_is_the_method_item_embedding(bench, tmp_path) -> None:
 def test_report_lists_every_row_against_baselines(bench, tmp_path) -> None:
     out = tmp_path / "out"
     args = data_args(tmp_path) + ["--policy.pretrained", "tiny-random-qwen2", "--eval_max_new_tokens", "3",
+                                  "--data.init_args.max_predict_samples", "24", "--linear_map", "true",
                                   "--out", str(out)]
     assert bench.main(args) == 0
     report = (out / "embedding_probe.md").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     rows = [line.split(" | ")[0][2:] for line in report.splitlines() if line.startswith("| ")][1:]  # table order
-    assert rows[:8] == ["user: marker L2", "user: mean L2", "user: marker L1", "user: mean L1",
+    assert rows[:9] == ["user: marker L2", "user: mean L2", "user: marker L1", "user: mean L1",
                         "user: marker L2, common direction", "user: marker L2, centred",
-                        "user: marker L2 vs items: mean L2", "user: marker L2 vs items: mean L2, both centred"]
-    methods = 8 + 8 + 2  # users, items (2 layers x 2 poolings x raw / centred), popularity and random
+                        "user: marker L2 vs items: mean L2", "user: marker L2 vs items: mean L2, both centred",
+                        "user: marker L2, linear map"]
+    assert "Linear map: fitted on 24 training users" in report
+    methods = 9 + 8 + 2  # users, items (2 layers x 2 poolings x raw / centred), popularity and random
     assert rows[methods - 2: methods] == ["popularity", "random"]
     assert rows[methods:] == [f"user: marker L2-{row}" for row in rows[1:methods]]  # paired with the method's row
     assert set(rows) == set(metrics["summary"])
@@ -87,3 +90,23 @@ def test_report_lists_every_row_against_baselines(bench, tmp_path) -> None:
     # centring removes the items' common direction: mean item-item cosine near 0, far below the raw one
     cos = metrics["item_item_cosine"]
     assert abs(cos["items: marker L2, centred"]) < 0.1 < cos["items: marker L2"]
+
+
+def test_linear_map_recovers_a_planted_map_and_keeps_its_best_epoch(bench) -> None:
+    """Users that are their targets' item embeddings through an unknown rotation rank at chance as they are, and the
+    fitted affine map undoes the rotation; the map kept is the one of the best validation epoch."""
+    gen = torch.Generator().manual_seed(0)
+    items = torch.randn(41, 16, generator=gen)
+    rotation = torch.linalg.qr(torch.randn(16, 16, generator=gen))[0]
+
+    def users(n: int) -> tuple[torch.Tensor, ...]:
+        target = torch.randint(1, 41, (n,), generator=gen)
+        emb = items[target] @ rotation.T + 0.1 * torch.randn(n, 16, generator=gen)
+        return emb, torch.zeros(n, 1, dtype=torch.long), target
+
+    train, val = users(400), users(100)
+    w, b, curve = bench.fit_linear_map(train, val, items, epochs=200, lr=1e-2)
+    assert curve[0] < 0.3 < 0.9 < max(curve), (curve[0], max(curve))
+    ranks = bench.ranks_of(val[0] @ w + b, items, val[1], val[2])
+    got = float(bench.per_sample_metrics(ranks, (10,))[:, 0].mean())
+    assert got == pytest.approx(max(curve), abs=1e-6)
