@@ -104,12 +104,12 @@ def test_update_scoring_its_own_forward_equals_a_separate_scoring_pass(tmp_path:
         assert len(calls) == (2 if separate else 0) and len(seen) == 2 * 2  # 2 steps x 2 micro-batches
         assert any(adv.abs().max() > 0 for adv, _ in seen)
         runs.append((seen, record.grads))
-    for (fused, fused_grads), (separate, separate_grads) in [runs]:
-        for a, b in zip(fused, separate):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-        for g, h in zip(fused_grads, separate_grads):
-            for key in g:
-                torch.testing.assert_close(g[key], h[key], atol=1e-6, rtol=1e-4)
+    (fused, fused_grads), (separate, separate_grads) = runs
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for g, h in zip(fused_grads, separate_grads):
+        for key in g:
+            torch.testing.assert_close(g[key], h[key], atol=1e-6, rtol=1e-4)
     monkeypatch.undo()
     assert not make_module().separate_scoring_pass
     assert make_module(ppo_epochs=2).separate_scoring_pass
