@@ -1,5 +1,5 @@
 """bfloat16 base weights with float32 LoRA: `dtype="auto"`, and agreement with float32 of log-probs, embeddings, one
-AdamW update and the LoRA-space Hessian-vector product."""
+AdamW update and the LoRA-space Hessian-vector product; the half-precision CPU decode attention."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import minirec.policy
-from minirec.policy import Policy, PolicyConfig, auto_dtype
+from minirec.policy import Policy, PolicyConfig, auto_dtype, sdpa_matmul_decode
 from minirec.representativeness import parameter_space_vector
 
 TEXT = "I liked [Abbey Road] and [Kind of Blue]."
@@ -120,3 +120,48 @@ def test_bfloat16_hessian_vector_product():
         vectors.append(parameter_space_vector(-logps.sum() / comp.sum() + (emb @ c).mean(), lora(policy), hvp=True))
     assert vectors[1].dtype == torch.float32 and torch.isfinite(vectors[1]).all()
     assert cosine(*vectors) > 0.98 and 0.8 < vectors[1].norm() / vectors[0].norm() < 1.25
+
+
+class Heads(torch.nn.Module):
+    """The attributes transformers' attention functions read from an attention layer: 6 query heads, 2 key / value."""
+
+    num_key_value_groups, is_causal = 3, True
+
+
+def test_decode_attention_matches_sdpa():
+    """`sdpa_matmul_decode` on one bfloat16 query token with grouped key / value heads: what float32 SDPA gives,
+    with a padding mask (bool or additive) or none; anything else is transformers' sdpa unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen) for shape in [(3, 6, 1, 8), (3, 2, 10, 8), (3, 2, 10, 8)])
+    keep = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    keep[0, ..., :4], keep[2, ..., :1] = False, False  # left padding of rows 0 and 2
+    additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    for mask, ref_mask in [(keep, keep), (additive, keep), (None, None)]:
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=ref_mask, enable_gqa=True).transpose(1, 2)
+        out, _ = sdpa_matmul_decode(Heads(), q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scaling=8**-0.5)
+        assert out.shape == (3, 1, 6, 8) and out.dtype == torch.bfloat16
+        assert (out.float() - ref).abs().max() < 0.03
+    assert not torch.allclose(sdpa_matmul_decode(Heads(), q, k, v, keep)[0], sdpa_matmul_decode(Heads(), q, k, v, None)[0])
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    for args in [(q, k, v, keep), (torch.randn(3, 6, 2, 8, generator=gen).bfloat16(), k.bfloat16(), v.bfloat16(), None)]:
+        assert torch.equal(sdpa_matmul_decode(Heads(), *args)[0], sdpa_attention_forward(Heads(), *args)[0])
+
+
+def test_policy_decodes_with_the_matmul_attention_in_bfloat16():
+    """A bfloat16 policy configured with `sdpa` decodes through `sdpa_matmul_decode`: one decode step after a padded
+    prefill gives the logits of transformers' own sdpa (bfloat16 rounding apart)."""
+    policy = Policy(PolicyConfig("tiny-random-llama", dtype="bfloat16", lora_dropout=0.0))
+    hf = policy.model.get_base_model()
+    assert hf.config._attn_implementation == "sdpa_matmul_decode"
+    enc = policy.tokenizer([TEXT, "Hi there"], return_tensors="pt", padding=True, padding_side="left")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    logits = []
+    for impl in ("sdpa", "sdpa_matmul_decode"):
+        hf.set_attn_implementation(impl)
+        with torch.no_grad():
+            out = hf(input_ids=ids, attention_mask=mask, position_ids=minirec.policy.left_padded_positions(mask))
+            step = hf(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=torch.cat([mask, mask[:, :1]], 1),
+                      position_ids=mask.sum(1, keepdim=True), past_key_values=out.past_key_values)
+        logits.append(step.logits[:, -1].float())
+    assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[0].abs().max()

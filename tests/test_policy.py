@@ -440,6 +440,44 @@ def test_merged_state_dict_gives_the_adapted_model():
                        merged["model.layers.0.self_attn.q_proj.weight"])  # computing it changed nothing
 
 
+def test_generation_runs_with_the_adapter_merged_and_restores_the_base_weights():
+    """`merged_adapter` computes what the adapter does (float32) with the adapter off, and leaves the base weights
+    bit for bit as they were; generation runs in it, so it draws the LoRA path's greedy tokens; with the adapter
+    disabled (the zero-shot model) or still the identity it merges nothing."""
+    policy = Policy(PolicyConfig("tiny-random-qwen2", lora_r=8, lora_dropout=0.0))
+    ids, mask = prompts(policy)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    hf = policy.model.get_base_model()
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return policy.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+
+    with policy.merged_adapter():  # a fresh adapter: nothing to merge
+        assert not any(m.disable_adapters for m in policy._lora_layers().values())
+    randomize_lora(policy, seed=4)
+    weights = {k: v.clone() for k, v in hf.state_dict().items()}
+    adapted = logits()
+    with policy.model.disable_adapter():
+        zero_shot = logits()
+        with policy.merged_adapter():
+            assert torch.equal(logits(), zero_shot)
+    with policy.merged_adapter():
+        assert all(m.disable_adapters for m in policy._lora_layers().values())
+        assert torch.allclose(logits(), adapted, atol=1e-5) and (adapted - zero_shot).abs().max() > 1e-3
+    assert all(torch.equal(v, weights[k]) for k, v in hf.state_dict().items())
+    assert torch.equal(logits(), adapted)
+    config = GenerationConfig(do_sample=False, max_new_tokens=8, pad_token_id=policy.tokenizer.pad_token_id,
+                              eos_token_id=sorted(policy.stop_ids), repetition_penalty=1.0)
+    with torch.no_grad():
+        lora_path = policy.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    comp, cmask = policy.generate(ids, mask, do_sample=False, max_new_tokens=8)
+    cut = policy.stop_ids | {policy.tokenizer.pad_token_id}
+    assert real_rows(comp, cmask) == [finish_completion(r, policy.tokenizer, "<answer>", cut)
+                                      for r in lora_path[:, ids.shape[1]:].tolist()]
+    assert all(torch.equal(v, weights[k]) for k, v in hf.state_dict().items())
+
+
 def test_eager_attention_hessian_vector_product():
     """Grad of grad through encode and the log-probs (LoRA space, padded batch) matches central finite differences of
     the gradient."""
