@@ -466,7 +466,7 @@ class Policy(torch.nn.Module):
     @contextmanager
     def merged_adapter(self) -> Iterator[None]:
         """Run the block with the LoRA update added into the base weights and the adapter off: the same model without
-        the per-layer LoRA matmuls, which are about a sixth of a SmolLM2 decode step on CPU. The base weights are
+        the per-layer LoRA matmuls, 10-17 % of a SmolLM2 generation on CPU in bfloat16. The base weights are
         copied first and restored bit for bit afterwards. Nothing changes while the adapter is off or the identity,
         or under ZeRO-3 (partitioned weights)."""
         layers = list(self._lora_layers().values())
