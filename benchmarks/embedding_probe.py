@@ -17,6 +17,8 @@ over the sequence; `L<i>` = after decoder layer i, the last one after the final 
 - `user: marker L<last>, linear map` (with `--linear_map`): the method's zero-shot user embedding through an affine
   map fitted on the training split's users (`max_predict_samples` of them) against the fixed base-model items, the
   best of it on the validation users kept: what learning the user side alone can add to zero-shot on this split.
+  `--linear_map_batch_size` fits it on mini-batches, `--linear_map_heldout` keeps a share of the training samples
+  out of the fit; the report lists the map's NDCG@10 on validation, those held-out samples and test as it trains.
 Every row is also compared with the method's row, per sample on the same resamples (`user: marker L<last>-<row>`; an
 interval that excludes 0 separates the two). The mean item-item cosine of each item embedding (1 = every item alike)
 is listed under the table.
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveInt
 
 from bench_common import data_parser, print_summary, write_comparison
 from datamodules import RecDataModule
@@ -47,6 +50,7 @@ from minirec.evaluation import (
     popularity_ranks,
     random_expectation,
 )
+from minirec.io import ConfigError
 from minirec.policy import PolicyConfig, eval_mode, left_padded_positions
 from minirec.recpo import RewardConfig, score_rollouts
 from minirec.rewards import mask_history, score_items
@@ -108,37 +112,63 @@ def user_states(module: PolicyModule, loader, layers: list[int]) -> tuple[dict[s
     return stack(parts), torch.cat([F.pad(h, (0, width - h.shape[1])) for h in history]), torch.cat(target)
 
 
-def fit_linear_map(train: tuple[torch.Tensor, ...], val: tuple[torch.Tensor, ...], items: torch.Tensor,
-                   epochs: int = 300, lr: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """An affine map u = h W + b of user embeddings, from the identity, fitted by full-batch Adam on the rec loss over
-    the whole catalogue (softmax of cos / τ, history masked) of the training users; `train` and `val` are (embeddings
-    `[S, H]`, histories `[S, L]`, targets `[S]`), `items` `[N+1, H]`. Returns W `[H, H]` and b `[H]` of the epoch
-    with the best validation NDCG@10, and that metric per epoch (entry 0: the identity, i.e. zero-shot)."""
+def fit_linear_map(train: tuple[torch.Tensor, ...], evals: dict[str, tuple[torch.Tensor, ...]], items: torch.Tensor,
+                   steps: int = 300, batch_size: int | None = None, lr: float = 1e-3,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
+    """An affine map u = h W + b of user embeddings, from the identity, fitted by Adam on the rec loss over the whole
+    catalogue (softmax of cos / τ, history masked) of the training users, `steps` steps on batches of `batch_size`
+    users (None: all of them; otherwise seeded shuffles, a new one when fewer than a batch are left); `train` and each
+    of `evals` (name -> set) are (embeddings `[S, H]`, histories `[S, L]`, targets `[S]`), `items` `[N+1, H]`.
+    Returns W `[H, H]` and b `[H]` after the step with the best NDCG@10 on the first of `evals`, and the curve: per
+    step (entry 0: the identity, i.e. zero-shot) the sample visits so far and the NDCG@10 on each of `evals`."""
     users, history, target = train
     w = torch.eye(users.shape[1], requires_grad=True)
     b = torch.zeros(users.shape[1], requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=lr)
+    picks = next(iter(evals))
 
-    def val_ndcg() -> float:
+    def point(visits: int) -> dict[str, float]:
         with torch.no_grad():
-            return float(per_sample_metrics(ranks_of(val[0] @ w + b, items, val[1], val[2]), (10,))[:, 0].mean())
+            return {"visits": visits, **{name: float(per_sample_metrics(ranks_of(u @ w + b, items, h, t), (10,))[:, 0]
+                                                     .mean()) for name, (u, h, t) in evals.items()}}
 
-    curve = [val_ndcg()]
+    torch.manual_seed(seed)
+    order, start = torch.randperm(len(target)), 0
+    curve = [point(0)]
     best = (w.detach().clone(), b.detach().clone())
-    for _ in range(epochs):
-        scores = mask_history(score_items(users @ w + b, items, RewardConfig().tau), history, target)
-        loss = F.cross_entropy(scores, target.long())
+    for _ in range(steps):
+        if batch_size is None:
+            rows = torch.arange(len(target))
+        else:
+            if start + batch_size > len(target):
+                order, start = torch.randperm(len(target)), 0
+            rows, start = order[start : start + batch_size], start + batch_size
+        scores = mask_history(score_items(users[rows] @ w + b, items, RewardConfig().tau), history[rows], target[rows])
+        loss = F.cross_entropy(scores, target[rows].long())
         opt.zero_grad()
         loss.backward()
         opt.step()
-        curve.append(val_ndcg())
-        if curve[-1] > max(curve[:-1]):
+        curve.append(point(curve[-1]["visits"] + len(rows)))
+        if curve[-1][picks] > max(c[picks] for c in curve[:-1]):
             best = (w.detach().clone(), b.detach().clone())
     return *best, curve
 
 
+def curve_table(curve: list[dict[str, float]]) -> list[str]:
+    """Markdown rows of a `fit_linear_map` curve at 0 and at doubling sample visits (and the last step)."""
+    names = [k for k in curve[0] if k != "visits"]
+    shown, next_visits = [], 0
+    for i, c in enumerate(curve):
+        if c["visits"] >= next_visits or i == len(curve) - 1:
+            shown.append(c)
+            next_visits = max(2 * c["visits"], 1)
+    return ["| sample visits | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+            *[f"| {int(c['visits'])} | " + " | ".join(f"{c[n]:.4f}" for n in names) + " |" for c in shown]]
+
+
 def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: Path, command: str,
-        linear_map: bool = False) -> dict:
+        linear_map: bool = False, map_steps: int = 300, map_batch_size: int | None = None,
+        map_heldout: float = 0.0) -> dict:
     """Embed, rank and write the report; returns {row: {metric: mean}}."""
     start = time.perf_counter()
     dm.prepare_data()
@@ -163,13 +193,21 @@ def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: 
     notes = []
     if linear_map:
         train_states, train_history, train_target = user_states(module, dm.predict_dataloader(), layers)
-        w, b, curve = fit_linear_map((train_states[method], train_history, train_target),
-                                     (val_users, val_history, val_target), items[method])
+        train = (train_states[method], train_history, train_target)
+        rows = torch.randperm(len(train_target), generator=torch.Generator().manual_seed(0))
+        held = int(len(rows) * map_heldout)  # training samples the map does not fit: drawn like the ones it does
+        evals = {"validation": (val_users, val_history, val_target),
+                 **({"held-out training samples": tuple(x[rows[:held]] for x in train)} if held else {}),
+                 "test": (users[method], history, target)}
+        w, b, curve = fit_linear_map(tuple(x[rows[held:]] for x in train) if held else train, evals, items[method],
+                                     map_steps, map_batch_size)
         ranks[f"user: {method}, linear map"] = ranks_of(users[method] @ w + b, items[method], history, target)
-        best = max(range(len(curve)), key=curve.__getitem__)
-        notes += [f"Linear map: fitted on {len(train_target)} training users; validation NDCG@10 {curve[0]:.4f} "
-                  f"(zero-shot, epoch 0), best {curve[best]:.4f} at epoch {best} of {len(curve) - 1}; by 30 epochs: "
-                  + ", ".join(f"{v:.4f}" for v in curve[::30]), ""]
+        best = max(range(len(curve)), key=lambda i: curve[i]["validation"])
+        notes += [f"Linear map: fitted on {len(train_target) - held} training samples ({held} held out), "
+                  f"{map_steps} Adam steps of {map_batch_size or 'all'} samples; kept after step {best} "
+                  f"(the best validation NDCG@10, {curve[best]['validation']:.4f}; zero-shot "
+                  f"{curve[0]['validation']:.4f}). NDCG@10 of the map as it trains (test: for reading only):", "",
+                  *curve_table(curve), ""]
     anisotropy = {}
     for name, emb in items.items():
         for centred in (False, True):
@@ -198,11 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval_max_new_tokens", type=int, default=8, help="greedy reasoning tokens per user")
     parser.add_argument("--linear_map", type=bool, default=False,
                         help="also fit an affine map of the zero-shot user embedding on the training split's users")
+    parser.add_argument("--linear_map_steps", type=PositiveInt, default=300, help="Adam steps of the linear map")
+    parser.add_argument("--linear_map_batch_size", type=PositiveInt | None, default=None,
+                        help="training samples per step of the linear map (null: all of them)")
+    parser.add_argument("--linear_map_heldout", type=float, default=0.0,
+                        help="share of the training samples held out of the map's fit and evaluated like validation")
     parser.add_argument("--out", default="benchmarks/results/embedding_probe", help="results folder")
     argv = sys.argv[1:] if argv is None else argv
     cfg = parser.instantiate(parser.parse_args(argv))
+    if not 0.0 <= cfg.linear_map_heldout < 1.0:
+        raise ConfigError(f"linear_map_heldout={cfg.linear_map_heldout}: must be at least 0 and below 1")
     summary = run(cfg.data, cfg.policy, cfg.eval_max_new_tokens, Path(cfg.out),
-                  shlex.join(["python", "benchmarks/embedding_probe.py", *argv]), cfg.linear_map)
+                  shlex.join(["python", "benchmarks/embedding_probe.py", *argv]), cfg.linear_map, cfg.linear_map_steps,
+                  cfg.linear_map_batch_size, cfg.linear_map_heldout)
     print_summary(summary)
     return 0
 

@@ -1,6 +1,6 @@
 """benchmarks/embedding_probe.py on a tiny model and synthetic data: the marker state at the last layer is the
 method's item embedding, the user rows rank as the method does, the report lists every row against the baselines, and
-a split without samples is one clean error."""
+an impossible held-out share is one clean error."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from datamodules import RecDataModule
 from lightning_modules.policy_module import PolicyModule
 from minirec.evaluation import candidate_counts, random_expectation
+from minirec.io import ConfigError
 from minirec.policy import PolicyConfig
 from minirec.processing import ProcessingConfig
 from minirec.recpo import RewardConfig
@@ -60,16 +61,23 @@ def test_report_lists_every_row_against_baselines(bench, tmp_path) -> None:
     out = tmp_path / "out"
     args = data_args(tmp_path) + ["--policy.pretrained", "tiny-random-qwen2", "--eval_max_new_tokens", "3",
                                   "--data.init_args.max_predict_samples", "24", "--linear_map", "true",
+                                  "--linear_map_batch_size", "4", "--linear_map_steps", "12",
+                                  "--linear_map_heldout", "0.25",
                                   "--out", str(out)]
     assert bench.main(args) == 0
     report = (out / "embedding_probe.md").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
-    rows = [line.split(" | ")[0][2:] for line in report.splitlines() if line.startswith("| ")][1:]  # table order
+    lines = report.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("| method"))):]
+    table = table[: next(i for i, line in enumerate(table) if not line.startswith("|"))]
+    rows = [line.split(" | ")[0][2:] for line in table[2:]]  # the results table, in its order
     assert rows[:9] == ["user: marker L2", "user: mean L2", "user: marker L1", "user: mean L1",
                         "user: marker L2, common direction", "user: marker L2, centred",
                         "user: marker L2 vs items: mean L2", "user: marker L2 vs items: mean L2, both centred",
                         "user: marker L2, linear map"]
-    assert "Linear map: fitted on 24 training users" in report
+    assert "Linear map: fitted on 18 training samples (6 held out), 12 Adam steps of 4 samples" in report
+    assert "| sample visits | validation | held-out training samples | test |" in report
+    assert "| 48 | " in report  # the last step: 12 steps x 4 samples
     methods = 9 + 8 + 2  # users, items (2 layers x 2 poolings x raw / centred), popularity and random
     assert rows[methods - 2: methods] == ["popularity", "random"]
     assert rows[methods:] == [f"user: marker L2-{row}" for row in rows[1:methods]]  # paired with the method's row
@@ -105,8 +113,22 @@ def test_linear_map_recovers_a_planted_map_and_keeps_its_best_epoch(bench) -> No
         return emb, torch.zeros(n, 1, dtype=torch.long), target
 
     train, val = users(400), users(100)
-    w, b, curve = bench.fit_linear_map(train, val, items, epochs=200, lr=1e-2)
-    assert curve[0] < 0.3 < 0.9 < max(curve), (curve[0], max(curve))
+    w, b, curve = bench.fit_linear_map(train, {"validation": val}, items, steps=200, lr=1e-2)
+    ndcg = [c["validation"] for c in curve]
+    assert ndcg[0] < 0.3 < 0.9 < max(ndcg), (ndcg[0], max(ndcg))
     ranks = bench.ranks_of(val[0] @ w + b, items, val[1], val[2])
     got = float(bench.per_sample_metrics(ranks, (10,))[:, 0].mean())
-    assert got == pytest.approx(max(curve), abs=1e-6)
+    assert got == pytest.approx(max(ndcg), abs=1e-6)
+    # mini-batches: the same map is learnt from seeded batches, each step counting the samples it saw
+    w, b, curve = bench.fit_linear_map(train, {"validation": val}, items, steps=400, batch_size=16, lr=1e-2)
+    assert [c["visits"] for c in curve] == [16 * i for i in range(401)]
+    assert max(c["validation"] for c in curve) > 0.9
+    again = bench.fit_linear_map(train, {"validation": val}, items, steps=400, batch_size=16, lr=1e-2)[2]
+    assert again == curve
+
+
+def test_holding_out_every_training_sample_is_a_clean_error(bench, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"linear_map_heldout=1.0: must be at least 0 and below 1"):
+        bench.main(data_args(tmp_path) + ["--linear_map", "true", "--linear_map_heldout", "1.0",
+                                          "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
