@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import PositiveInt
 
-from bench_common import data_parser, print_summary, write_comparison
+from bench_common import data_parser, markdown_table, print_summary, write_comparison
 from datamodules import RecDataModule
 from lightning_modules.policy_module import PolicyModule
 from minirec.evaluation import (
@@ -154,16 +154,14 @@ def fit_linear_map(train: tuple[torch.Tensor, ...], evals: dict[str, tuple[torch
     return *best, curve
 
 
-def curve_table(curve: list[dict[str, float]]) -> list[str]:
-    """Markdown rows of a `fit_linear_map` curve at 0 and at doubling sample visits (and the last step)."""
-    names = [k for k in curve[0] if k != "visits"]
+def curve_table(curve: list[dict[str, float]]) -> str:
+    """Markdown table of a `fit_linear_map` curve at 0 and at doubling sample visits (and the last step)."""
     shown, next_visits = [], 0
     for i, c in enumerate(curve):
         if c["visits"] >= next_visits or i == len(curve) - 1:
             shown.append(c)
             next_visits = max(2 * c["visits"], 1)
-    return ["| sample visits | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
-            *[f"| {int(c['visits'])} | " + " | ".join(f"{c[n]:.4f}" for n in names) + " |" for c in shown]]
+    return markdown_table(shown, {"visits": "sample visits", **{k: k for k in curve[0] if k != "visits"}})
 
 
 def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: Path, command: str,
@@ -207,7 +205,7 @@ def run(dm: RecDataModule, policy: PolicyConfig, eval_max_new_tokens: int, out: 
                   f"{map_steps} Adam steps of {map_batch_size or 'all'} samples; kept after step {best} "
                   f"(the best validation NDCG@10, {curve[best]['validation']:.4f}; zero-shot "
                   f"{curve[0]['validation']:.4f}). NDCG@10 of the map as it trains (test: for reading only):", "",
-                  *curve_table(curve), ""]
+                  curve_table(curve), ""]
     anisotropy = {}
     for name, emb in items.items():
         for centred in (False, True):
