@@ -135,7 +135,7 @@ def fit_linear_map(train: tuple[torch.Tensor, ...], evals: dict[str, tuple[torch
     torch.manual_seed(seed)
     order, start = torch.randperm(len(target)), 0
     curve = [point(0)]
-    best = (w.detach().clone(), b.detach().clone())
+    best, best_ndcg = (w.detach().clone(), b.detach().clone()), curve[0][picks]
     for _ in range(steps):
         if batch_size is None:
             rows = torch.arange(len(target))
@@ -149,8 +149,8 @@ def fit_linear_map(train: tuple[torch.Tensor, ...], evals: dict[str, tuple[torch
         loss.backward()
         opt.step()
         curve.append(point(curve[-1]["visits"] + len(rows)))
-        if curve[-1][picks] > max(c[picks] for c in curve[:-1]):
-            best = (w.detach().clone(), b.detach().clone())
+        if curve[-1][picks] > best_ndcg:
+            best, best_ndcg = (w.detach().clone(), b.detach().clone()), curve[-1][picks]
     return *best, curve
 
 
