@@ -14,6 +14,12 @@ next to that policy trained on random-k. Time per method counts what the method 
 the scored strategies = proxy + scoring + selection + training (the one proxy and scoring serve every k). Test time is
 reported but not counted. Every stage writes `done.json`, so a killed benchmark resumes where it stopped.
 
+`learner: sasrec` trains SASRec (`minirec.sasrec`, a classic sequential recommender that learns from a few hundred
+samples in seconds) instead of the policy on every selection: the selections, made with the policy's proxy and scores
+as above, are then judged by a model that learns at this size (cross-model transfer to another kind of model).
+SASRec trains on the selected samples in shuffled epochs (no curriculum) for the same step budget whatever k,
+early-stopped on the whole validation split; the zero-shot baseline is the untrained policy, tested once.
+
     python benchmarks/data_efficiency.py --config benchmarks/configs/data_efficiency_cpu.yaml
 
 Every row is tested on the same samples: its 95 % interval resamples them (the per-sample NDCG@10 averaged over
@@ -27,6 +33,7 @@ intervals and the headline ratios), quality_vs_k.png and time_vs_k.png into `out
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import statistics
@@ -41,14 +48,17 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from bench_common import device_kind, machine, markdown_table, run_header, save_figure, write_csv
+from sasrec import split_tensors
 from cli import pipeline_parser
 from minirec.evaluation import bootstrap_intervals, paired_differences, per_sample_metrics
 from minirec.io import DataError, atomic_write_text, read_json
 from minirec.rewards import misses_top_k
-from minirec.selection import STRATEGIES, learnability
+from minirec.sasrec import SASRecConfig, sasrec_ranks, train_sasrec
+from minirec.selection import STRATEGIES, learnability, representativeness
 from minirec.subsets import ScoreTable, Selection, select_subsets
 from pipeline import PipelineSpec, check_run_config, fit_proxy, fit_subset, run_step, score_pool, test_best
 
+LEARNERS = ("policy", "sasrec")
 SCORED = ("minirec", "minirec_no_curriculum", "learnability", "representativeness", "diversity")
 RUN_COLUMNS = ("seed", "policy", "strategy", "k", "train_samples", "proxy_s", "score_s", "select_s", "train_s",
                "method_s", "test_s", "train_steps", "best_val_ndcg@10", "test_ndcg@10", "test_ndcg@10_lo",
@@ -58,6 +68,9 @@ SUMMARY_COLUMNS = ("policy", "strategy", "k", "seeds", "test_ndcg@10_mean", "tes
                    "time_vs_full", "ndcg@10_vs_full")  # fmt: skip
 HEADLINE_COLUMNS = ("policy", "k", "time_vs_full", "ndcg@10_vs_full", "minus_random", "minus_random_lo",
                     "minus_random_hi", "minus_full", "minus_full_lo", "minus_full_hi")  # fmt: skip
+QUARTER_COLUMNS = ("score", "quarter", "seeds", "samples_per_quarter", "score_min", "score_max", "val_ndcg@10_mean",
+                   "test_ndcg@10_mean", "test_ndcg@10_lo", "test_ndcg@10_hi", "top_minus_bottom",
+                   "top_minus_bottom_lo", "top_minus_bottom_hi")  # fmt: skip
 POOL_COLUMNS = ("seed", "pool", "rollouts", "frac_no_reward", "frac_all_rollouts_equal", "reward_mean",
                 "reward_std_over_pool", "reward_p10", "reward_p50", "reward_p90", "within_sample_std",
                 "rollout_agreement", "frac_L_over_0.5")  # fmt: skip
@@ -73,8 +86,13 @@ def load_spec(base: str) -> PipelineSpec:
 
 
 def check_grid(spec: PipelineSpec, ks: list[int], seeds: list[int], strategies: list[str],
-               transfer_k: int | None) -> None:
+               transfer_k: int | None, learner: str = "policy", transfer: bool = False) -> None:
     """Validate the grid against the base config (score.pool_size None = the whole training split)."""
+    if learner not in LEARNERS:
+        raise DataError(f"data_efficiency.learner: unknown {learner!r}; choose from {', '.join(LEARNERS)}")
+    if learner == "sasrec" and (transfer or "minirec_no_curriculum" in strategies):
+        raise DataError("data_efficiency.learner: sasrec trains without a curriculum and is itself the transfer: "
+                        "drop minirec_no_curriculum and transfer_policy")
     pool = spec.score.pool_size or sys.maxsize
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
@@ -124,6 +142,95 @@ def train_and_test(spec: PipelineSpec, folder: Path, selection: str, baselines: 
             "train_s": times[f"train {folder.name}"], "test_s": times[f"test {folder.name}"]}
 
 
+def sasrec_schedule(samples: int, seed: int, steps: int) -> SASRecConfig:
+    """SASRec settings that give a subset of `samples` the same optimizer-step budget as any other: at most about
+    `steps` steps, validated about every steps/50, stopped after about 0.4·steps without a better validation NDCG@10.
+    (The whole-split defaults count epochs, and an epoch of 32 samples is one step: stopped after 20 of them, before
+    it learns anything.)"""
+    per_epoch = math.ceil(samples / SASRecConfig.batch_size)
+    every = max(1, round(steps / 50 / per_epoch))
+    return SASRecConfig(seed=seed, max_epochs=math.ceil(steps / per_epoch), val_every=every,
+                        patience=max(1, math.ceil(0.4 * steps / (per_epoch * every))))
+
+
+def sasrec_train_and_test(spec: PipelineSpec, folder: Path, selection: str, steps: int) -> dict[str, Any]:
+    """SASRec (`sasrec_schedule`, seeded by `spec.seed`) trained on a selection file's samples, early-stopped on the
+    whole validation split and tested on the pipeline's test samples, as a resumable step; the result has the keys of
+    `train_and_test`, its `report` holding SASRec's per-sample target ranks and interval under `policy`."""
+
+    def body(d: Path) -> dict[str, Any]:
+        dm = spec.datamodule(subset=selection)
+        dm.setup()
+        length = dm.processing.window_size
+        train = split_tensors(dm, "train", dm.train_ids, length)
+        valid = split_tensors(dm, "valid", list(range(len(dm.rows["valid"]))), length)
+        start = time.perf_counter()
+        cfg = sasrec_schedule(len(train[1]), spec.seed, steps)
+        model, log = train_sasrec(dm.num_items, train, valid, cfg)
+        train_s, start = time.perf_counter() - start, time.perf_counter()
+        ranks = sasrec_ranks(model, *split_tensors(dm, "test", dm.split_order["test"], length))
+        values = per_sample_metrics(ranks, (10, 20))  # [S, 4]: ndcg@10, ndcg@20, hr@10, hr@20
+        mean, lo, hi = bootstrap_intervals({"policy": values}, seed=0)["policy"]
+        best = max(log, key=lambda r: r["val_ndcg@10"])
+        return {"fit": {"train_samples": len(train[1]),
+                        "global_step": math.ceil(len(train[1]) / cfg.batch_size) * (log[-1]["epoch"] + 1),
+                        "best_val_ndcg@10": best["val_ndcg@10"], "epochs": len(log), "best_epoch": best["epoch"]},
+                "metrics": {f"test/{n}": float(m) for n, m in zip(("ndcg@10", "ndcg@20", "hr@10", "hr@20"), mean)},
+                "report": {"methods": {"policy": {"ndcg@10": {"mean": float(mean[0]), "lo": float(lo[0]),
+                                                              "hi": float(hi[0])}}},
+                           "ranks": {"policy": ranks.tolist()}},
+                "train_s": train_s, "test_s": time.perf_counter() - start}
+
+    return run_step(folder, {}, folder.name, body)
+
+
+def score_quarters(spec: PipelineSpec, table: ScoreTable, folder: Path, steps: int) -> list[dict[str, Any]]:
+    """What a sample's score says about what it teaches: the pool ranked by learnability L and by representativeness
+    R (`[N]` each, as the selection computes them) and cut into quarters, SASRec trained on each quarter
+    (`sasrec_train_and_test`); -> one row per (score, quarter 1 = highest), with the per-sample test NDCG@10 under
+    `samples`."""
+    selection, n = spec.score.selection, table.sample_id.numel()
+    scores = {"L": learnability(table.mean_reward, selection.mu, selection.sigma),
+              "R": representativeness(table.rep_vec)}
+    rows = []
+    for name, score in scores.items():
+        for quarter, part in enumerate(torch.argsort(score, descending=True, stable=True).chunk(4), start=1):
+            ids = table.sample_id[part].tolist()
+            path = folder / "quarters" / f"{name}_q{quarter}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Selection(ids=ids, stages=[0] * len(ids), curriculum="none", fingerprint=spec.processing.fingerprint(),
+                      k=len(ids), strategy=f"{name}_q{quarter}", selection_order=ids, pool_size=n).save(path)
+            result = sasrec_train_and_test(spec, folder / f"sasrec_{name}_q{quarter}", str(path), steps)
+            rows.append({"seed": spec.seed, "score": name, "quarter": quarter, "samples_per_quarter": len(ids),
+                         "score_min": float(score[part].min()), "score_max": float(score[part].max()),
+                         "val_ndcg@10": result["fit"]["best_val_ndcg@10"],
+                         "samples": sample_ndcg10(result["report"], "policy", folder / f"sasrec_{name}_q{quarter}")})
+    return rows
+
+
+def summarise_quarters(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (score, quarter): seed means, the 95 % interval of the seed-averaged per-sample test NDCG@10, and quarter
+    1 − quarter 4 paired on the test samples (on quarter 1's row)."""
+    out = []
+    for score in dict.fromkeys(r["score"] for r in rows):
+        mine = [r for r in rows if r["score"] == score]
+        samples = {q: torch.tensor([r["samples"] for r in mine if r["quarter"] == q], dtype=torch.float64).mean(0)
+                   for q in sorted({r["quarter"] for r in mine})}
+        top, bottom = min(samples), max(samples)
+        diff = paired_interval(samples[top].tolist(), samples[bottom].tolist())
+        for q, values in samples.items():
+            rs = [r for r in mine if r["quarter"] == q]
+            _, lo, hi = interval([values.tolist()])
+            out.append({"score": score, "quarter": q, "seeds": len(rs), "samples_per_quarter": rs[0]["samples_per_quarter"],
+                        "score_min": statistics.fmean(r["score_min"] for r in rs),
+                        "score_max": statistics.fmean(r["score_max"] for r in rs),
+                        "val_ndcg@10_mean": statistics.fmean(r["val_ndcg@10"] for r in rs),
+                        "test_ndcg@10_mean": float(values.mean()), "test_ndcg@10_lo": lo, "test_ndcg@10_hi": hi,
+                        **dict(zip(("top_minus_bottom", "top_minus_bottom_lo", "top_minus_bottom_hi"),
+                                   diff if q == top else (float("nan"),) * 3))})
+    return out
+
+
 BASELINES = {"zero_shot": "zero-shot", "popularity": "popularity", "random": "random ranking"}
 """Test-report method -> strategy name of the rows every table carries (measured once per seed on the same test
 samples as the trained models; `random ranking` is the expected value, not the random-k selection)."""
@@ -170,36 +277,51 @@ def pool_diagnostics(table: ScoreTable, spec: PipelineSpec) -> dict[str, Any]:
 
 
 def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str], transfer_policy: dict[str, Any] | None,
-             transfer_k: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every method of one seed under `out/seed<seed>`; -> (one row per trained model, each with its per-sample test
-    NDCG@10 under `samples` (none for the random-ranking expectation), the pool diagnostics)."""
+             transfer_k: int | None, learner: str = "policy", sasrec_steps: int = 2000
+             ) -> tuple[list, dict[str, Any], list]:
+    """Every method of one seed under `out/seed<seed>` (SASRec's under `sasrec_<method>`; the untrained policy's test
+    under `out/untrained_test`, shared by the seeds); -> (one row per trained model, each with its per-sample test
+    NDCG@10 under `samples` (none for the random-ranking expectation), the pool diagnostics, the SASRec learner's
+    `score_quarters` rows (none for the policy))."""
     folder = out / f"seed{spec.seed}"
     check_run_config(folder, spec)
     times: dict[str, float] = {}
     proxy = run_step(folder / "proxy", times, "proxy", lambda d: fit_proxy(spec, d))
     run_step(folder / "scores", times, "score", lambda d: score_pool(spec, d, proxy["adapter"]))
     table = ScoreTable.load(folder / "scores" / "score_table.pt")
+    if learner == "sasrec":  # the zero-shot baseline: the untrained policy (LoRA at its zero start), greedy
+        untrained = run_step(out / "untrained_test", times, "untrained test", lambda d: test_best(spec, d, None))
+        untrained = untrained["baselines"]
     rows = []
 
     def add(policy_spec: PipelineSpec, strategy: str, k: int, path: str, select_s: float, name: str) -> None:
         """Train and test one method; its time counts the proxy and scoring only if its selection used them. The
         seed's first method also tests the baselines (the same for every method of the seed)."""
-        result = train_and_test(policy_spec, folder / name, path, baselines=not rows)
-        m, report, report_path = result["metrics"], result["report"], folder / name / "test" / "test_metrics.json"
+        if learner == "sasrec":
+            result, label = sasrec_train_and_test(policy_spec, folder / f"sasrec_{name}", path, sasrec_steps), "sasrec"
+            report, report_path = result["report"], folder / f"sasrec_{name}" / "done.json"
+            base_report, base_path = untrained, out / "untrained_test" / "test_metrics.json"
+        else:
+            result = train_and_test(policy_spec, folder / name, path, baselines=not rows)
+            label = policy_spec.policy.pretrained
+            report, report_path = result["report"], folder / name / "test" / "test_metrics.json"
+            base_report, base_path = report, report_path
+        m = result["metrics"]
         if not rows:
             for method, row_name in BASELINES.items():
-                ndcg = report["methods"][method]["ndcg@10"]
+                ndcg = base_report["methods"][method]["ndcg@10"]
                 rows.append({
                     "seed": spec.seed, "policy": policy_spec.policy.pretrained, "strategy": row_name, "k": 0,
                     "train_samples": 0, "proxy_s": 0.0, "score_s": 0.0, "select_s": 0.0, "train_s": 0.0,
                     "method_s": 0.0, "test_s": 0.0, "train_steps": 0, "best_val_ndcg@10": float("nan"),
-                    **{f"test_{n}": report["methods"][method][n]["mean"] for n in ("ndcg@10", "hr@10", "ndcg@20", "hr@20")},
+                    **{f"test_{n}": base_report["methods"][method][n]["mean"]
+                       for n in ("ndcg@10", "hr@10", "ndcg@20", "hr@20")},
                     "test_ndcg@10_lo": ndcg["lo"], "test_ndcg@10_hi": ndcg["hi"],
-                    "samples": None if method == "random" else sample_ndcg10(report, method, report_path),
+                    "samples": None if method == "random" else sample_ndcg10(base_report, method, base_path),
                 })
         proxy_s, score_s = (times["proxy"], times["score"]) if select_s else (0.0, 0.0)
         rows.append({
-            "seed": spec.seed, "policy": policy_spec.policy.pretrained, "strategy": strategy, "k": k,
+            "seed": spec.seed, "policy": label, "strategy": strategy, "k": k,
             "train_samples": k, "proxy_s": proxy_s, "score_s": score_s, "select_s": select_s,
             "train_s": result["train_s"], "method_s": proxy_s + score_s + select_s + result["train_s"],
             "test_s": result["test_s"],
@@ -225,7 +347,8 @@ def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str]
         minirec_s = select_times["minirec"]
         add(other, "minirec_transfer", transfer_k, selections["minirec"][transfer_k], minirec_s, f"transfer_minirec_{tag}")
         add(other, "random", transfer_k, selections["random"][transfer_k], 0.0, f"transfer_random_{tag}")
-    return rows, pool_diagnostics(table, spec)
+    quarters = score_quarters(spec, table, folder, sasrec_steps) if learner == "sasrec" else []
+    return rows, pool_diagnostics(table, spec), quarters
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -268,9 +391,12 @@ def paired(summary: list[dict[str, Any]], row: dict[str, Any], strategy: str, k:
     paired on the test samples: (diff, lo, hi), NaN where that row is missing."""
     other = next((r for r in summary if r["policy"] == row["policy"] and r["strategy"] == strategy
                   and (k is None or r["k"] == k)), None)
-    if other is None:
-        return (float("nan"),) * 3
-    values = {m: torch.tensor(r["samples"], dtype=torch.float64)[:, None] for m, r in (("a", row), ("b", other))}
+    return paired_interval(row["samples"], other["samples"]) if other else (float("nan"),) * 3
+
+
+def paired_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Mean and 95 % bootstrap interval of a − b, per-sample values `[S]` paired on the test samples."""
+    values = {m: torch.tensor(v, dtype=torch.float64)[:, None] for m, v in (("a", a), ("b", b))}
     return tuple(float(v[0]) for v in bootstrap_intervals(paired_differences(values, of="a"), seed=0)["a-b"])
 
 
@@ -320,7 +446,7 @@ def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary if r["policy"] == policy]
+    rows = [r for r in summary if r["policy"] == policy or r["k"] == 0]  # the baselines belong to the LLM
     for key, err, ylabel, name in (("test_ndcg@10_mean", "test_ndcg@10_std", "test NDCG@10", "quality_vs_k.png"),
                                    ("method_s_mean", None, "method wall time (s)", "time_vs_k.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -348,16 +474,24 @@ def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
 
 
 def write_markdown(path: Path, summary: list[dict[str, Any]], heads: list[dict[str, Any]],
-                   pools: list[dict[str, Any]], spec: PipelineSpec, info: dict[str, Any]) -> None:
-    """The run's header (command, date, machine, settings), the summary table, the headline ratios and the pool
-    diagnostics."""
+                   pools: list[dict[str, Any]], quarters: list[dict[str, Any]], spec: PipelineSpec,
+                   info: dict[str, Any]) -> None:
+    """The run's header (command, date, machine, settings), the summary table, the headline ratios, the pool
+    diagnostics and (SASRec learner) the score quarters."""
     text = [
         *run_header("Data-efficiency benchmark", info),
         f"Dataset `{spec.processing.dataset}`; policy `{spec.policy.pretrained}`; pool (full data) N = "
         f"{spec.score.pool_size or 'whole training split'}; ks {info['ks']}; seeds {info['seeds']}; proxy on `{spec.proxy.subset}` for "
-        f"{spec.proxy.max_epochs} epoch(s); training {spec.train.max_epochs} epochs, curriculum "
-        f"`{spec.score.selection.curriculum}` with {spec.score.selection.num_stages} stages; test on {spec.loader.max_test_samples} samples "
-        f"at the best-valid checkpoint ({spec.loader.max_val_samples} validation samples).", "",
+        f"{spec.proxy.max_epochs} epoch(s); " + (
+            f"training {spec.train.max_epochs} epochs, curriculum `{spec.score.selection.curriculum}` with "
+            f"{spec.score.selection.num_stages} stages; test on {spec.loader.max_test_samples or 'all'} samples at the "
+            f"best-valid checkpoint ({spec.loader.max_val_samples} validation samples)." if info["learner"] == "policy"
+            else "learner **SASRec** (`minirec.sasrec` model defaults, seeded by the grid's seed) trained on each "
+            f"selection without a curriculum for the same step budget (`sasrec_schedule`: at most {info['sasrec_steps']} "
+            "steps, validated 50 times, stopped after 40 % of them without a better validation NDCG@10 on the whole "
+            "validation split); the selections are the policy's "
+            f"(its proxy and scores); test on {spec.loader.max_test_samples or 'all'} samples. Zero-shot is the "
+            "untrained policy."), "",
         "Method time = what the method needs: full and random = training; the scored strategies = proxy + scoring + "
         "selection + training (SASRec: its training on the whole training split). Mean and ± std over seeds; "
         "[lo, hi] = 95 % bootstrap interval over the test samples of the seed-averaged per-sample NDCG@10.", "",
@@ -387,6 +521,19 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], heads: list[dict[s
                                "reward_p10": "p10", "reward_p50": "p50", "reward_p90": "p90",
                                "within_sample_std": "within-sample std", "rollout_agreement": "rollout agreement",
                                "frac_L_over_0.5": "L > 0.5"}), "",
+        *([
+            "## What a sample's score says about what it teaches (SASRec on each quarter of the pool)", "",
+            "The pool ranked by learnability L and by representativeness R and cut into quarters (1 = highest "
+            "scores); SASRec trained on each quarter, test NDCG@10 with its 95 % interval, and quarter 1 − quarter 4 "
+            "paired on the test samples: if a score marks the samples that teach most, quarter 1 is above quarter 4.",
+            "",
+            markdown_table(quarters, {"score": "score", "quarter": "quarter", "seeds": "seeds",
+                                      "samples_per_quarter": "samples", "score_min": "score min",
+                                      "score_max": "score max", "val_ndcg@10_mean": "val NDCG@10",
+                                      "test_ndcg@10_mean": "test NDCG@10", "test_ndcg@10_lo": "lo",
+                                      "test_ndcg@10_hi": "hi", "top_minus_bottom": "quarter 1 − 4",
+                                      "top_minus_bottom_lo": "lo", "top_minus_bottom_hi": "hi"}), "",
+        ] if quarters else []),
         "![quality vs k](quality_vs_k.png)", "", "![time vs k](time_vs_k.png)", "",
     ]
     atomic_write_text(path, "\n".join(text))
@@ -404,6 +551,8 @@ def run_benchmark(
     transfer_k: int | None = None,
     sasrec: str | None = None,
     accelerator: str | None = None,
+    learner: str = "policy",
+    sasrec_steps: int = 2000,
     command: str = "",
 ) -> list[dict[str, Any]]:
     """Run (or resume) the grid and write the tables and plots; returns the summary rows.
@@ -421,25 +570,31 @@ def run_benchmark(
         transfer_k: the k of the transfer runs.
         sasrec: `metrics.json` of `benchmarks/sasrec.py` on the same data settings, shown as a reference row.
         accelerator: replaces the base config's `device.accelerator` (e.g. `gpu`: the same grid on one GPU).
+        learner: the model trained on every selection: `policy` (the base config's RecPO fit) or `sasrec` (SASRec,
+            no curriculum; rows under policy `sasrec`).
+        sasrec_steps: the SASRec learner's optimizer-step budget per subset (`sasrec_schedule`).
         command: the command line recorded in the markdown (set by `main`).
     """
     spec = load_spec(base)
     if accelerator is not None:
         spec = replace(spec, device=replace(spec.device, accelerator=accelerator))
-    check_grid(spec, ks, seeds, strategies, transfer_k)
+    check_grid(spec, ks, seeds, strategies, transfer_k, learner, transfer_policy is not None)
     if transfer_policy is not None and transfer_k is None:
         raise DataError("data_efficiency: transfer_policy needs transfer_k")
     selection = replace(spec.score.selection, ks=tuple(ks), strategy="minirec")
     spec = replace(spec, score=replace(spec.score, selection=selection))
     sasrec_result = load_sasrec(sasrec) if sasrec is not None else None
     start = time.perf_counter()
-    rows, pools = [], []
+    rows, pools, quarters = [], [], []
     for seed in seeds:
-        seed_rows, pool = run_seed(replace(spec, seed=seed), Path(work_dir), ks, strategies, transfer_policy, transfer_k)
+        seed_rows, pool, seed_quarters = run_seed(replace(spec, seed=seed), Path(work_dir), ks, strategies, transfer_policy, transfer_k,
+                                   learner, sasrec_steps)
         rows += seed_rows
         pools.append(pool)
+        quarters += seed_quarters
     samples = len(next(r["samples"] for r in rows if r["samples"] is not None))
-    summary = summarise(rows, [sasrec_row(sasrec_result, sasrec, spec.policy.pretrained, samples)] if sasrec else [])
+    label = spec.policy.pretrained if learner == "policy" else "sasrec"
+    summary = summarise(rows, [sasrec_row(sasrec_result, sasrec, label, samples)] if sasrec else [])
     heads = headline(summary)
     results = Path(out)
     results.mkdir(parents=True, exist_ok=True)
@@ -447,12 +602,15 @@ def run_benchmark(
     write_csv(results / "summary.csv", summary, SUMMARY_COLUMNS)
     write_csv(results / "headline.csv", heads, HEADLINE_COLUMNS)
     write_csv(results / "pool.csv", pools, POOL_COLUMNS)
-    plot(summary, spec.policy.pretrained, results)
+    quarters = summarise_quarters(quarters) if quarters else []
+    if quarters:
+        write_csv(results / "quarters.csv", quarters, QUARTER_COLUMNS)
+    plot(summary, label, results)
     info = {"command": command,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - start,
             "machine": machine(torch.get_num_threads(), "cpu" if spec.device.accelerator == "cpu" else device_kind()),
-            "ks": ks, "seeds": seeds}
-    write_markdown(results / "data_efficiency.md", summary, heads, pools, spec, info)
+            "ks": ks, "seeds": seeds, "learner": learner, "sasrec_steps": sasrec_steps}
+    write_markdown(results / "data_efficiency.md", summary, heads, pools, quarters, spec, info)
     return summary
 
 

@@ -35,7 +35,9 @@ class SASRecConfig:
         lr: Adam learning rate.
         batch_size: training samples per step.
         max_epochs: epochs at most.
-        patience: stop after this many epochs without a better validation NDCG@10 (the best epoch's weights are kept).
+        patience: stop after this many validations without a better validation NDCG@10 (the best validated weights
+            are kept).
+        val_every: validate after every this many epochs (and after the last).
         seed: seed of initialisation, dropout and batch order.
     """
 
@@ -47,10 +49,11 @@ class SASRecConfig:
     batch_size: int = 128
     max_epochs: int = 200
     patience: int = 20
+    val_every: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("dim", "layers", "heads", "batch_size", "max_epochs", "patience"):
+        for name in ("dim", "layers", "heads", "batch_size", "max_epochs", "patience", "val_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sasrec.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.dim % self.heads:
@@ -112,9 +115,9 @@ def train_sasrec(
     num_items: int, train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Tensor, torch.Tensor],
     cfg: SASRecConfig = SASRecConfig(),
 ) -> tuple[SASRec, list[dict[str, float]]]:
-    """Trains on (history `[S, L]`, target `[S]`) pairs, keeps the epoch with the best validation NDCG@10.
+    """Trains on (history `[S, L]`, target `[S]`) pairs, keeps the validated epoch with the best validation NDCG@10.
 
-    Returns (model at the best epoch, in eval mode; per-epoch log {epoch, loss, val_ndcg@10}).
+    Returns (model at the best epoch, in eval mode; per-validation log {epoch, loss (that epoch's), val_ndcg@10}).
     """
     if len(train[1]) == 0 or len(valid[1]) == 0:
         raise DataError(f"SASRec needs training and validation samples, got {len(train[1])} and {len(valid[1])}")
@@ -132,6 +135,8 @@ def train_sasrec(
             loss.backward()
             optimizer.step()
             total += loss.item() * len(idx)
+        if (epoch + 1) % cfg.val_every and epoch + 1 < cfg.max_epochs:
+            continue
         val = per_sample_metrics(sasrec_ranks(model, *valid), [10])[:, 0].mean().item()
         log.append({"epoch": epoch, "loss": total / len(train[1]), "val_ndcg@10": val})
         if val > best:

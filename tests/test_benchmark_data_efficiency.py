@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,62 @@ def test_rerun_resumes_without_training(bench, run) -> None:
     assert pick((folder / "results/runs.csv").read_text()) == pick(before)
 
 
+def test_sasrec_learner_judges_the_same_selections(bench, run) -> None:
+    """`learner: sasrec` reuses the policy grid's proxy and scores (nothing of them runs again), trains SASRec on
+    exactly each selection's samples, tests it on the same samples as the policy rows, takes the zero-shot baseline from
+    one untrained-policy test, and a repeated fit in a fresh folder ranks every test sample the same."""
+    import torch
+
+    folder, _ = run
+    scored = [folder / f"work/seed0/{step}/done.json" for step in ("proxy", "scores")]
+    stamps = [p.stat().st_mtime_ns for p in scored]
+    out = folder / "sasrec_results"
+    summary = bench.run_benchmark(base=str(folder / "base.yaml"), out=str(out), work_dir=str(folder / "work"),
+                                  ks=[8, 16], seeds=[0], strategies=["full", "random", "minirec"], learner="sasrec",
+                                  sasrec_steps=200)
+    assert [p.stat().st_mtime_ns for p in scored] == stamps
+    rows = read_csv(out / "runs.csv")
+    trained = sorted((r["policy"], r["strategy"], r["k"]) for r in rows if r["k"] != "0")
+    assert trained == sorted(("sasrec", m, k) for m, k in
+                             [("full", "24"), ("random", "8"), ("random", "16"), ("minirec", "8"), ("minirec", "16")])
+    work = folder / "work/seed0"
+    for r in (r for r in rows if r["k"] != "0"):
+        done = json.loads((work / f"sasrec_{r['strategy']}_k{r['k']}/done.json").read_text())
+        selection = json.loads((work / f"selections/{r['strategy']}_k{r['k']}.json").read_text())
+        assert done["fit"]["train_samples"] == len(selection["ids"]) == int(r["k"])
+        assert 80 <= done["fit"]["global_step"] <= 200 + 8  # the same step budget whatever k (stopped after 40 %)
+        ranks = torch.tensor(done["report"]["ranks"]["policy"])
+        assert len(ranks) == 16 and float(r["test_ndcg@10"]) == pytest.approx(
+            float(torch.where(ranks <= 10, 1 / torch.log2(ranks.double() + 1), 0.0).mean()), abs=1e-6)
+        assert float(r["method_s"]) == pytest.approx(sum(float(r[c]) for c in ("proxy_s", "score_s", "select_s",
+                                                                               "train_s")))
+        assert (float(r["proxy_s"]) > 0) == (r["strategy"] == "minirec")
+    untrained = json.loads((folder / "work/untrained_test/test_metrics.json").read_text())
+    zero_shot = next(r for r in rows if r["strategy"] == "zero-shot")
+    assert zero_shot["policy"] == "tiny-random-qwen2"
+    assert float(zero_shot["test_ndcg@10"]) == pytest.approx(untrained["methods"]["zero_shot"]["ndcg@10"]["mean"])
+    policy_test = json.loads((work / "full_k24/test/test_metrics.json").read_text())  # the policy grid's samples
+    assert len(policy_test["ranks"]["policy"]) == len(ranks)
+    assert {r["strategy"] for r in summary if r["policy"] == "sasrec"} == {"full", "random", "minirec"}
+    assert "learner **SASRec**" in (out / "data_efficiency.md").read_text()
+    quarters = read_csv(out / "quarters.csv")  # the pool of 24 ranked by each score, SASRec on each quarter
+    assert [(q["score"], q["quarter"], q["samples_per_quarter"]) for q in quarters] == [
+        (s, str(q), "6") for s in ("L", "R") for q in (1, 2, 3, 4)]
+    for s in ("L", "R"):
+        parts = [set(json.loads((work / f"quarters/{s}_q{q}.json").read_text())["ids"]) for q in (1, 2, 3, 4)]
+        assert set().union(*parts) == set(json.loads((work / "selections/full_k24.json").read_text())["ids"])
+        mins = [float(q["score_min"]) for q in quarters if q["score"] == s]
+        maxs = [float(q["score_max"]) for q in quarters if q["score"] == s]
+        assert all(lo >= hi for lo, hi in zip(mins, maxs[1:]))  # quarter 1 holds the highest scores
+        top, bottom = (next(q for q in quarters if q["score"] == s and q["quarter"] == n) for n in ("1", "4"))
+        assert float(top["top_minus_bottom"]) == pytest.approx(
+            float(top["test_ndcg@10_mean"]) - float(bottom["test_ndcg@10_mean"]), abs=1e-6)
+    spec = replace(bench.load_spec(str(folder / "base.yaml")), seed=0)
+    again = bench.sasrec_train_and_test(spec, folder / "sasrec_again", str(work / "selections/minirec_k8.json"), 200)
+    first = json.loads((work / "sasrec_minirec_k8/done.json").read_text())
+    assert again["report"]["ranks"] == first["report"]["ranks"] and again["fit"] == first["fit"]
+
+
 @pytest.mark.parametrize("over, match", [
     ({"ks": [8, 24]}, "ks: need distinct sizes below the pool size 24"),
     ({"strategies": ["best"]}, "unknown"),
@@ -185,6 +242,10 @@ def test_rerun_resumes_without_training(bench, run) -> None:
     ({"transfer_policy": {"pretrained": "tiny-random-llama"}}, "needs transfer_k"),
     ({"ks": [1, 8]}, "num_stages 2 exceeds the smallest k 1"),
     ({"sasrec": "nope/metrics.json"}, "data_efficiency.sasrec: no file at nope/metrics.json"),
+    ({"learner": "gbdt"}, "data_efficiency.learner: unknown 'gbdt'"),
+    ({"learner": "sasrec", "strategies": ["minirec_no_curriculum"]}, "drop minirec_no_curriculum and transfer_policy"),
+    ({"learner": "sasrec", "transfer_policy": {"pretrained": "tiny-random-llama"}, "transfer_k": 8},
+     "sasrec trains without a curriculum"),
 ])
 def test_bad_grid_is_refused_before_any_run(bench, tmp_path: Path, over: dict, match: str) -> None:
     args = {"base": tiny_base(tmp_path), "out": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),

@@ -32,6 +32,24 @@ def test_training_keeps_the_best_validation_epoch() -> None:
         train_sasrec(29, (history, target), (history[:0], target[:0]), cfg)
 
 
+def test_validating_every_few_epochs_counts_patience_in_validations() -> None:
+    """val_every 3 over 7 epochs validates after epochs 3, 6 and the last; the same seed and data train the same
+    weights up to the first validation whatever the interval."""
+    gen = torch.Generator().manual_seed(1)
+    history = torch.randint(1, 30, (48, 5), generator=gen)
+    target = torch.randint(1, 30, (48,), generator=gen)
+    valid = (history[:16], target[:16])
+    _, log = train_sasrec(29, (history, target), valid, SASRecConfig(dim=16, max_epochs=7, patience=5, val_every=3))
+    assert [r["epoch"] for r in log] == [2, 5, 6]
+    _, every = train_sasrec(29, (history, target), valid, SASRecConfig(dim=16, max_epochs=3, patience=5))
+    assert every[2]["val_ndcg@10"] == pytest.approx(log[0]["val_ndcg@10"]) and every[2]["loss"] == log[0]["loss"]
+    _, stopped = train_sasrec(29, (history, target), valid, SASRecConfig(dim=16, max_epochs=90, patience=1,
+                                                                         val_every=3))
+    assert len(stopped) < 30 and all(r["epoch"] % 3 == 2 for r in stopped[:-1])  # one validation without gain
+    with pytest.raises(Exception, match="sasrec.val_every must be ≥ 1"):
+        SASRecConfig(val_every=0)
+
+
 def test_benchmark_learns_planted_genres_beyond_popularity_and_random(import_benchmark, tmp_path: Path) -> None:
     """Synthetic users buy mostly from one genre: the item ids of a history reveal the target's genre, which SASRec
     must learn (HR@10 far above a random ranking of ~35 candidates and above popularity, paired interval above 0)."""
