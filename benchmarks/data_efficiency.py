@@ -50,7 +50,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from bench_common import device_kind, machine, markdown_table, run_header, save_figure, write_csv
 from sasrec import split_tensors
 from cli import pipeline_parser
-from minirec.evaluation import bootstrap_intervals, paired_differences, per_sample_metrics
+from minirec.evaluation import bootstrap_intervals, metric_names, paired_differences, per_sample_metrics
 from minirec.io import DataError, atomic_write_text, read_json
 from minirec.rewards import misses_top_k
 from minirec.sasrec import SASRecConfig, sasrec_ranks, train_sasrec
@@ -169,13 +169,13 @@ def sasrec_train_and_test(spec: PipelineSpec, folder: Path, selection: str, step
         model, log = train_sasrec(dm.num_items, train, valid, cfg)
         train_s, start = time.perf_counter() - start, time.perf_counter()
         ranks = sasrec_ranks(model, *split_tensors(dm, "test", dm.split_order["test"], length))
-        values = per_sample_metrics(ranks, (10, 20))  # [S, 4]: ndcg@10, ndcg@20, hr@10, hr@20
+        values = per_sample_metrics(ranks, (10, 20))  # [S, 4], columns as metric_names
         mean, lo, hi = bootstrap_intervals({"policy": values}, seed=0)["policy"]
         best = max(log, key=lambda r: r["val_ndcg@10"])
         return {"fit": {"train_samples": len(train[1]),
                         "global_step": math.ceil(len(train[1]) / cfg.batch_size) * (log[-1]["epoch"] + 1),
                         "best_val_ndcg@10": best["val_ndcg@10"], "epochs": len(log), "best_epoch": best["epoch"]},
-                "metrics": {f"test/{n}": float(m) for n, m in zip(("ndcg@10", "ndcg@20", "hr@10", "hr@20"), mean)},
+                "metrics": {f"test/{n}": float(m) for n, m in zip(metric_names((10, 20)), mean)},
                 "report": {"methods": {"policy": {"ndcg@10": {"mean": float(mean[0]), "lo": float(lo[0]),
                                                               "hi": float(hi[0])}}},
                            "ranks": {"policy": ranks.tolist()}},
