@@ -118,6 +118,7 @@ class GRPOModule(PolicyModule):
         self.test_records = TestRecords()
         self.zero_shot_catalog: torch.Tensor | None = None  # [N+1, H], the base model's (adapter off), test only
         self.popularity: torch.Tensor | None = None  # [N+1] training-split target counts, test only
+        self.zero_shot_is_policy = False  # a fresh adapter at test start: zero-shot ranks are the policy's
         self.restored_catalog: torch.Tensor | None = None  # [N+1, H] from the checkpoint a fit resumes from
 
     # -- catalogue ------------------------------------------------------------------------------------------------
@@ -142,9 +143,12 @@ class GRPOModule(PolicyModule):
         self.catalog = self.ranking_catalog()
 
     def on_test_epoch_start(self) -> None:
-        self.catalog = self.ranking_catalog()
+        """The policy's catalogue, and with `test_baselines` the zero-shot one and popularity. A fresh adapter computes
+        exactly what the base model does, so then the policy's ranks are also the zero-shot ones, not computed twice."""
+        self.zero_shot_is_policy = self.policy.adapter_is_identity()
+        self.catalog = self.encode_base_catalog() if self.zero_shot_is_policy else self.ranking_catalog()
         if self.hparams.test_baselines:
-            self.zero_shot_catalog = self.encode_base_catalog()
+            self.zero_shot_catalog = self.catalog if self.zero_shot_is_policy else self.encode_base_catalog()
             self.popularity = self.trainer.datamodule.item_popularity().float().to(self.device)
 
     # -- training -------------------------------------------------------------------------------------------------
@@ -323,8 +327,11 @@ class GRPOModule(PolicyModule):
         target, history = batch["target"], batch["history"]
         ranks = [self._ranks(self.catalog, batch)]
         if self.hparams.test_baselines:
-            with self.policy.model.disable_adapter():
-                ranks.append(self._ranks(self.zero_shot_catalog, batch))
+            if self.zero_shot_is_policy:
+                ranks.append(ranks[0])
+            else:
+                with self.policy.model.disable_adapter():
+                    ranks.append(self._ranks(self.zero_shot_catalog, batch))
             ranks.append(popularity_ranks(self.popularity, history, target))
         self.test_records.update(torch.stack(ranks, 1), candidate_counts(history, target, self.catalog.shape[0] - 1))
 

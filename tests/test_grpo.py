@@ -291,8 +291,11 @@ def test_test_reports_policy_against_baselines(tmp_path: Path) -> None:
     from minirec.evaluation import random_expectation
 
     L.seed_everything(0)
-    dm = make_dm(tmp_path, max_test_samples=24)
-    out = trainer(tmp_path).test(make_module(), datamodule=dm, verbose=False)[0]
+    dm, module, generated = make_dm(tmp_path, max_test_samples=24), make_module(), []
+    embed = module.user_embeddings
+    module.user_embeddings = lambda batch: generated.append(len(batch["target"])) or embed(batch)
+    out = trainer(tmp_path).test(module, datamodule=dm, verbose=False)[0]
+    assert sum(generated) == 24  # a fresh adapter is the base model: its zero-shot ranks are not computed again
     report = __import__("json").loads((tmp_path / "test_metrics.json").read_text())
     baselines = {"zero_shot", "popularity", "random"}
     assert report["samples"] == 24
@@ -341,7 +344,10 @@ def test_base_catalogue_is_encoded_once_and_equals_a_fresh_adapters(tmp_path: Pa
     t = trainer(tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False, callbacks=[start])
     t.fit(module, datamodule=dm)
     assert module.policy.adapter_is_identity() is False  # trained, so the test encodes the policy's own catalogue
+    generated, embed = [], module.user_embeddings
+    module.user_embeddings = lambda batch: generated.append(len(batch["target"])) or embed(batch)
     t.test(module, datamodule=dm, verbose=False)
+    assert sum(generated) == 2 * 8  # trained: the policy's and the zero-shot reasoning of every test sample
     assert torch.equal(start.cached, start.with_adapter)
     assert torch.equal(module.zero_shot_catalog, start.cached)
     assert len(calls) == 3  # base (train start), the probe above, the policy's at test: zero-shot was not re-encoded
