@@ -443,7 +443,7 @@ def test_merged_state_dict_gives_the_adapted_model():
 def test_generation_runs_with_the_adapter_merged_and_restores_the_base_weights():
     """`merged_adapter` computes what the adapter does (float32) with the adapter off, and leaves the base weights
     bit for bit as they were; generation runs in it, so it draws the LoRA path's greedy tokens; with the adapter
-    disabled (the zero-shot model) or still the identity it merges nothing."""
+    disabled (the zero-shot model) it merges nothing, and a fresh adapter (the identity) is only turned off."""
     policy = Policy(PolicyConfig("tiny-random-qwen2", lora_r=8, lora_dropout=0.0))
     ids, mask = prompts(policy)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -453,8 +453,12 @@ def test_generation_runs_with_the_adapter_merged_and_restores_the_base_weights()
         with torch.no_grad():
             return policy.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
 
-    with policy.merged_adapter():  # a fresh adapter: nothing to merge
-        assert not any(m.disable_adapters for m in policy._lora_layers().values())
+    weights, with_fresh_adapter = {k: v.clone() for k, v in hf.state_dict().items()}, logits()
+    with policy.merged_adapter():  # a fresh adapter: nothing to merge, the base model computes the same
+        assert all(m.disable_adapters for m in policy._lora_layers().values())
+        assert torch.equal(logits(), with_fresh_adapter)
+    assert not any(m.disable_adapters for m in policy._lora_layers().values())
+    assert all(torch.equal(v, weights[k]) for k, v in hf.state_dict().items())
     randomize_lora(policy, seed=4)
     weights = {k: v.clone() for k, v in hf.state_dict().items()}
     adapted = logits()
