@@ -39,6 +39,7 @@ import shlex
 import statistics
 import sys
 import time
+from argparse import ArgumentError
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,12 +77,16 @@ POOL_COLUMNS = ("seed", "pool", "rollouts", "frac_no_reward", "frac_all_rollouts
                 "rollout_agreement", "frac_L_over_0.5")  # fmt: skip
 
 
-def load_spec(base: str) -> PipelineSpec:
-    """The PipelineSpec of a `minirec pipeline` YAML (its run_dir is ignored)."""
+def load_spec(base: str, base_args: list[str] = []) -> PipelineSpec:
+    """The PipelineSpec of a `minirec pipeline` YAML (its run_dir is ignored), with `base_args` (`minirec pipeline`
+    command-line arguments, e.g. `["--reward.ndcg_k", "150"]`) applied over it."""
     if not Path(base).is_file():
         raise DataError(f"data_efficiency.base: no pipeline config at {base}")
     parser = pipeline_parser()
-    cfg = parser.instantiate(parser.parse_path(base))
+    try:
+        cfg = parser.instantiate(parser.parse_args(["--config", base, *base_args]))
+    except ArgumentError as e:
+        raise DataError(f"data_efficiency.base_args {base_args}: {str(e).splitlines()[0]}") from None
     return PipelineSpec(**{k: v for k, v in vars(cfg).items() if k not in ("config", "run_dir", "__path__")})
 
 
@@ -482,7 +487,8 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], heads: list[dict[s
         *run_header("Data-efficiency benchmark", info),
         f"Dataset `{spec.processing.dataset}`; policy `{spec.policy.pretrained}`; pool (full data) N = "
         f"{spec.score.pool_size or 'whole training split'}; ks {info['ks']}; seeds {info['seeds']}; proxy on `{spec.proxy.subset}` for "
-        f"{spec.proxy.max_epochs} epoch(s); " + (
+        f"{spec.proxy.max_epochs} epoch(s); reward top ndcg_k {spec.reward.ndcg_k}, learnability peak mu "
+        f"{spec.score.selection.mu}; " + (
             f"training {spec.train.max_epochs} epochs, curriculum `{spec.score.selection.curriculum}` with "
             f"{spec.score.selection.num_stages} stages; test on {spec.loader.max_test_samples or 'all'} samples at the "
             f"best-valid checkpoint ({spec.loader.max_val_samples} validation samples)." if info["learner"] == "policy"
@@ -541,6 +547,7 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], heads: list[dict[s
 
 def run_benchmark(
     base: str,
+    base_args: list[str] = [],
     out: str = "benchmarks/results/data_efficiency",
     work_dir: str = "runs/data_efficiency",
     ks: list[int] = [32, 64, 128],
@@ -559,6 +566,7 @@ def run_benchmark(
 
     Args:
         base: a `minirec pipeline` YAML whose settings every run shares (score.pool_size = the full data).
+        base_args: `minirec pipeline` arguments applied over `base` (e.g. `["--reward.ndcg_k", "150"]`).
         out: folder of the results (CSV, markdown, plots).
         work_dir: folder of the runs (checkpoints, scores); a re-run resumes there.
         ks: subset sizes.
@@ -575,7 +583,7 @@ def run_benchmark(
         sasrec_steps: the SASRec learner's optimizer-step budget per subset (`sasrec_schedule`).
         command: the command line recorded in the markdown (set by `main`).
     """
-    spec = load_spec(base)
+    spec = load_spec(base, base_args)
     if accelerator is not None:
         spec = replace(spec, device=replace(spec.device, accelerator=accelerator))
     check_grid(spec, ks, seeds, strategies, transfer_k, learner, transfer_policy is not None)

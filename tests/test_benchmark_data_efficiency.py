@@ -260,6 +260,17 @@ def test_missing_base_config(bench, tmp_path: Path) -> None:
         bench.run_benchmark(base=str(tmp_path / "nope.yaml"))
 
 
+def test_base_args_apply_over_the_base_config(bench) -> None:
+    """`base_args` change one setting of the base config and keep the rest; a wrong one is a one-line error."""
+    base = str(BENCHMARKS / "configs" / "pipeline-beauty-smollm2.yaml")
+    plain, top150 = bench.load_spec(base), bench.load_spec(base, ["--reward.ndcg_k", "150"])
+    assert plain.reward.ndcg_k == 1000 and top150.reward.ndcg_k == 150
+    assert replace(top150, reward=plain.reward) == plain
+    with pytest.raises(DataError, match=r"^data_efficiency.base_args \['--reward.ndcg_kk', '150'\]: unrecognized") as e:
+        bench.load_spec(base, ["--reward.ndcg_kk", "150"])
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("path", sorted(p.name for p in (BENCHMARKS / "configs").glob("*.yaml")))
 def test_shipped_benchmark_configs_parse(bench, path: str) -> None:
     cfg = yaml.safe_load((BENCHMARKS / "configs" / path).read_text())
@@ -272,5 +283,5 @@ def test_shipped_benchmark_configs_parse(bench, path: str) -> None:
     parser = ArgumentParser()
     parser.add_function_arguments(bench.run_benchmark, skip={"command"})
     parsed = parser.parse_object(cfg)
-    spec = bench.load_spec(str(ROOT / parsed.base))
+    spec = bench.load_spec(str(ROOT / parsed.base), parsed.base_args)
     bench.check_grid(spec, parsed.ks, parsed.seeds, parsed.strategies, parsed.transfer_k)
