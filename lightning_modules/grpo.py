@@ -137,7 +137,7 @@ class GRPOModule(PolicyModule):
         if restored is not None:
             self.catalog = restored.to(self.device)
         else:
-            self.catalog = self.encode_base_catalog() if self.policy.adapter_is_identity() else self.ranking_catalog()
+            self.catalog = self.ranking_catalog()
 
     def on_validation_epoch_start(self) -> None:
         self.catalog = self.ranking_catalog()
@@ -146,9 +146,9 @@ class GRPOModule(PolicyModule):
         """The policy's catalogue, and with `test_baselines` the zero-shot one and popularity. A fresh adapter computes
         exactly what the base model does, so then the policy's ranks are also the zero-shot ones, not computed twice."""
         self.zero_shot_is_policy = self.policy.adapter_is_identity()
-        self.catalog = self.encode_base_catalog() if self.zero_shot_is_policy else self.ranking_catalog()
+        self.catalog = self.ranking_catalog()
         if self.hparams.test_baselines:
-            self.zero_shot_catalog = self.catalog if self.zero_shot_is_policy else self.encode_base_catalog()
+            self.zero_shot_catalog = self.encode_base_catalog()
             self.popularity = self.trainer.datamodule.item_popularity().float().to(self.device)
 
     # -- training -------------------------------------------------------------------------------------------------

@@ -118,8 +118,11 @@ class PolicyModule(L.LightningModule):
 
     def ranking_catalog(self, shard: bool = True) -> torch.Tensor:
         """The catalogue `[N+1, H]` users are ranked against: the policy's own encoding, or the base model's with
-        `policy.item_encoder: base` (fixed for the whole run)."""
-        return self.encode_base_catalog(shard) if self.items_fixed else self.encode_catalog(shard)
+        `policy.item_encoder: base` (fixed for the whole run) or while the adapter is the identity (the same numbers,
+        encoded once per process)."""
+        if self.items_fixed or self.policy.adapter_is_identity():
+            return self.encode_base_catalog(shard)
+        return self.encode_catalog(shard)
 
     @property
     def items_fixed(self) -> bool:
