@@ -557,7 +557,6 @@ def run_benchmark(
     transfer_policy: dict[str, Any] | None = None,
     transfer_k: int | None = None,
     sasrec: str | None = None,
-    accelerator: str | None = None,
     learner: str = "policy",
     sasrec_steps: int = 2000,
     command: str = "",
@@ -566,7 +565,8 @@ def run_benchmark(
 
     Args:
         base: a `minirec pipeline` YAML whose settings every run shares (score.pool_size = the full data).
-        base_args: `minirec pipeline` arguments applied over `base` (e.g. `["--reward.ndcg_k", "150"]`).
+        base_args: `minirec pipeline` arguments applied over `base` (e.g. `["--reward.ndcg_k", "150"]`;
+            `["--device.accelerator", "gpu"]`: the same grid on one GPU).
         out: folder of the results (CSV, markdown, plots).
         work_dir: folder of the runs (checkpoints, scores); a re-run resumes there.
         ks: subset sizes.
@@ -577,15 +577,12 @@ def run_benchmark(
             second policy trained on the base policy's MiniRec-k selection and on random-k (cross-model transfer).
         transfer_k: the k of the transfer runs.
         sasrec: `metrics.json` of `benchmarks/sasrec.py` on the same data settings, shown as a reference row.
-        accelerator: replaces the base config's `device.accelerator` (e.g. `gpu`: the same grid on one GPU).
         learner: the model trained on every selection: `policy` (the base config's RecPO fit) or `sasrec` (SASRec,
             no curriculum; rows under policy `sasrec`).
         sasrec_steps: the SASRec learner's optimizer-step budget per subset (`sasrec_schedule`).
         command: the command line recorded in the markdown (set by `main`).
     """
     spec = load_spec(base, base_args)
-    if accelerator is not None:
-        spec = replace(spec, device=replace(spec.device, accelerator=accelerator))
     check_grid(spec, ks, seeds, strategies, transfer_k, learner, transfer_policy is not None)
     if transfer_policy is not None and transfer_k is None:
         raise DataError("data_efficiency: transfer_policy needs transfer_k")

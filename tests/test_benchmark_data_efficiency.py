@@ -266,6 +266,7 @@ def test_base_args_apply_over_the_base_config(bench) -> None:
     plain, top150 = bench.load_spec(base), bench.load_spec(base, ["--reward.ndcg_k", "150"])
     assert plain.reward.ndcg_k == 1000 and top150.reward.ndcg_k == 150
     assert replace(top150, reward=plain.reward) == plain
+    assert bench.load_spec(base, ["--device.accelerator", "gpu"]).device.accelerator == "gpu"  # the grid on a GPU
     with pytest.raises(DataError, match=r"^data_efficiency.base_args \['--reward.ndcg_kk', '150'\]: unrecognized") as e:
         bench.load_spec(base, ["--reward.ndcg_kk", "150"])
     assert "\n" not in str(e.value)
