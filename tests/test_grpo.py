@@ -329,8 +329,9 @@ def test_test_reports_policy_against_baselines(tmp_path: Path) -> None:
 
 
 def test_base_catalogue_is_encoded_once_and_equals_a_fresh_adapters(tmp_path: Path) -> None:
-    """A fit from a fresh adapter starts from the base model's catalogue, and a later test's zero-shot reference
-    reuses it instead of encoding it again; it equals the encoding with the fresh adapter on, exactly."""
+    """Validating a fresh adapter ranks against the base model's catalogue, a fit from it starts from the same one, and
+    a later test's zero-shot reference reuses it, encoded once; it equals the encoding with the fresh adapter on,
+    exactly."""
     from lightning_modules import policy_module
 
     class Start(L.Callback):
@@ -344,6 +345,7 @@ def test_base_catalogue_is_encoded_once_and_equals_a_fresh_adapters(tmp_path: Pa
     calls = []
     encode = module.encode_catalog
     module.encode_catalog = lambda *a, **k: calls.append(1) or encode(*a, **k)
+    trainer(tmp_path, limit_val_batches=1).validate(module, datamodule=dm, verbose=False)
     t = trainer(tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False, callbacks=[start])
     t.fit(module, datamodule=dm)
     assert module.policy.adapter_is_identity() is False  # trained, so the test encodes the policy's own catalogue
@@ -353,7 +355,7 @@ def test_base_catalogue_is_encoded_once_and_equals_a_fresh_adapters(tmp_path: Pa
     assert sum(generated) == 2 * 8  # trained: the policy's and the zero-shot reasoning of every test sample
     assert torch.equal(start.cached, start.with_adapter)
     assert torch.equal(module.zero_shot_catalog, start.cached)
-    assert len(calls) == 3  # base (train start), the probe above, the policy's at test: zero-shot was not re-encoded
+    assert len(calls) == 3  # base (validation), the probe above, the policy's at test: nothing else was encoded
 
 
 def test_fixed_base_items_stay_fixed_while_users_learn(tmp_path: Path) -> None:
