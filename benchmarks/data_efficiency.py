@@ -28,7 +28,7 @@ the classic sequential recommender of `benchmarks/sasrec.py` (same split and tes
 diagnostics (reward spread, samples with no reward, learnability) say what the scores had to select from.
 
 Writes runs.csv (one row per trained model), summary.csv, pool.csv and data_efficiency.md (mean ± std over seeds, the
-intervals and the headline ratios), quality_vs_k.png and time_vs_k.png into `out`.
+intervals and the headline ratios), quality_vs_k.png, time_vs_k.png and quality_vs_time.png into `out`.
 """
 
 from __future__ import annotations
@@ -445,7 +445,9 @@ def sasrec_row(m: dict[str, Any], path: str, policy: str, samples: int) -> dict[
 
 def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
     """quality_vs_k.png (test NDCG@10 mean ± std vs k) and time_vs_k.png (method seconds vs k), one line per
-    strategy of `policy`; full data and the baselines (quality only) drawn as horizontal lines."""
+    strategy of `policy`, full data and the baselines (quality only) drawn as horizontal lines; quality_vs_time.png
+    (test NDCG@10 with its interval against method seconds, one point per strategy and k, the untrained baselines as
+    horizontal lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -476,6 +478,28 @@ def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
         fig.tight_layout()
         save_figure(fig, out / name)
         plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))  # quality_vs_time.png: what each method's time buys
+    for i, strategy in enumerate(dict.fromkeys(r["strategy"] for r in rows)):
+        line = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["k"])
+        if line[0]["k"] == 0 and strategy != "SASRec":  # untrained baselines take no training time
+            ax.axhline(line[0]["test_ndcg@10_mean"], color=f"C{i}", ls=":", label=strategy)
+            continue
+        y = [r["test_ndcg@10_mean"] for r in line]
+        ax.errorbar([r["method_s_mean"] for r in line], y, marker="s" if strategy in ("full", "SASRec") else "o",
+                    yerr=[[v - r["test_ndcg@10_lo"] for v, r in zip(y, line)],
+                          [r["test_ndcg@10_hi"] - v for v, r in zip(y, line)]],
+                    capsize=3, color=f"C{i}", label=strategy if strategy != "SASRec" else "SASRec, whole split")
+        for r in line:
+            if r["k"]:
+                ax.annotate(str(r["k"]), (r["method_s_mean"], r["test_ndcg@10_mean"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set(xscale="log", xlabel="method wall time (s)", ylabel="test NDCG@10 (95 % interval)",
+           title=f"test NDCG@10 vs method time ({policy}; points labelled with k)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out / "quality_vs_time.png")
+    plt.close(fig)
 
 
 def write_markdown(path: Path, summary: list[dict[str, Any]], heads: list[dict[str, Any]],
@@ -541,6 +565,7 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], heads: list[dict[s
                                       "top_minus_bottom_lo": "lo", "top_minus_bottom_hi": "hi"}), "",
         ] if quarters else []),
         "![quality vs k](quality_vs_k.png)", "", "![time vs k](time_vs_k.png)", "",
+        "![quality vs time](quality_vs_time.png)", "",
     ]
     atomic_write_text(path, "\n".join(text))
 

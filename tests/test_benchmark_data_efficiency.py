@@ -133,7 +133,7 @@ def test_tables_plots_and_ratios(run) -> None:
     assert float(row["test_ndcg@10_mean"]) == pytest.approx(sasrec["summary"]["sasrec"]["ndcg@10"])
     for r in summary:  # every row: an interval over the shared test samples around its seed mean
         assert float(r["test_ndcg@10_lo"]) <= float(r["test_ndcg@10_mean"]) + 1e-9 <= float(r["test_ndcg@10_hi"]) + 2e-9
-    for png in ("quality_vs_k.png", "time_vs_k.png"):
+    for png in ("quality_vs_k.png", "time_vs_k.png", "quality_vs_time.png"):
         assert (folder / "results" / png).stat().st_size > 10_000
 
 
