@@ -19,10 +19,12 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from callbacks import AdapterExport, CurriculumCallback, ResumeCheckpoint, ScoreWriter
+from callbacks.score_writer import reselect
 from datamodules import RecDataModule
 from lightning_modules import GRPOModule, ScoringModule
 from lightning_modules.grpo import OptimConfig
-from minirec.io import ConfigError, DataError, atomic_write_json, atomic_write_text, load_checkpoint, read_json
+from minirec.io import (ConfigError, DataError, as_json, atomic_write_json, atomic_write_text, load_checkpoint,
+                        read_json)
 from minirec.losses import LossConfig
 from minirec.plots import training_curves
 from minirec.policy import PolicyConfig
@@ -191,13 +193,19 @@ def run_pipeline(
     spec = PipelineSpec(processing, prompts, loader, policy, sampling, reward, loss, proxy, score, train,
                         eval_max_new_tokens, device, seed)
     run = Path(run_dir)
-    check_run_config(run, spec)
+    check_run_folder(run, spec)
     times: dict[str, float] = {}
-    proxy_done = run_step(run / "proxy", times, "proxy", lambda d: fit_proxy(spec, d))
+    proxy_done = run_step(run / "proxy", times, "proxy", lambda d: fit_proxy(spec, d), step_settings(spec, "proxy"))
     score_dir = run / "scores"
-    score_done = run_step(score_dir, times, "score", lambda d: score_pool(spec, d, proxy_done["adapter"]))
-    train_done = run_step(run / "train", times, "train", lambda d: fit_subset(spec, d, score_done["selection"]))
-    test_done = run_step(run / "test", times, "test", lambda d: test_best(spec, d, train_done["best_checkpoint"]))
+    score_done = run_step(score_dir, times, "score", lambda d: score_pool(spec, d, proxy_done["adapter"]),
+                          step_settings(spec, "scores"))
+    if reselect(score_dir, selection_config(spec)):
+        print(f"[pipeline] selection: made again from the scores in {score_dir} (score.selection changed)")
+    score_done = {**score_done, "summary": read_json(score_dir / "summary.json")}
+    train_done = run_step(run / "train", times, "train", lambda d: fit_subset(spec, d, score_done["selection"]),
+                          step_settings(spec, "train"))
+    test_done = run_step(run / "test", times, "test", lambda d: test_best(spec, d, train_done["best_checkpoint"]),
+                         step_settings(spec, "test"))
     result = {"proxy": proxy_done, "score": score_done, "train": train_done, "test": test_done, "seconds": times,
               "loss_impl": loss.loss_impl}
     for name in ("proxy", "train"):
@@ -224,7 +232,7 @@ def score_pool(spec: PipelineSpec, folder: Path, proxy_adapter: str) -> dict[str
                            num_rollouts=score.num_rollouts, space=score.space, rep_loss=score.rep_loss,
                            projection_dim=score.projection_dim, lora_hvp=score.lora_hvp,
                            eval_max_new_tokens=spec.eval_max_new_tokens)
-    writer = ScoreWriter(str(folder), replace(score.selection, seed=spec.seed))
+    writer = ScoreWriter(str(folder), selection_config(spec))
     trainer = _trainer(folder, spec.device, [writer], logger=False)
     trainer.predict(module, datamodule=spec.datamodule(max_predict_samples=score.pool_size), return_predictions=False)
     return {"selection": str(folder / "selection.json"), "summary": read_json(folder / "summary.json")}
@@ -247,28 +255,55 @@ def test_best(spec: PipelineSpec, folder: Path, checkpoint: str, baselines: bool
             "baselines": read_json(folder / "test_metrics.json")}
 
 
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "__dataclass_fields__"):
-        return _jsonable(asdict(obj))
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
+def selection_config(spec: PipelineSpec) -> SelectionConfig:
+    """`score.selection` with the run's seed (the one the score folder's selections record)."""
+    return replace(spec.score.selection, seed=spec.seed)
 
 
-def check_run_config(run: Path, spec: PipelineSpec) -> None:
-    """Save the resolved config; refuse to continue a run folder made with a different one."""
-    config = _jsonable(spec)
-    path = run / "pipeline_config.json"
+RUN_STEPS = ("proxy", "scores", "train", "test")
+
+
+def step_settings(spec: PipelineSpec, step: str) -> dict[str, Any]:
+    """The settings a step's result depends on, as JSON reads them back: `proxy` all but `score` and `train`;
+    `scores` also `score` without its `selection` (a selection is made again from the scores, cheaply, when only it
+    changes: `callbacks.score_writer.reselect`); `train` and `test` all; `fit` (a fit on a given selection file, with
+    its test) all but `proxy` and `score`; `untrained` (the untrained policy's test) all but `proxy`, `score`, `train`
+    and `seed`."""
+    config = as_json(spec)
+    drop = {"proxy": ("score", "train"), "scores": ("train",), "train": (), "test": (), "fit": ("proxy", "score"),
+            "untrained": ("proxy", "score", "train", "seed")}[step]
+    config = {k: v for k, v in config.items() if k not in drop}
+    if step == "scores":
+        config["score"] = {k: v for k, v in config["score"].items() if k != "selection"}
+    return config
+
+
+def _changed(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two JSON values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new)) for c in _changed(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [prefix.rstrip(".") or "(all)"] if old != new else []
+
+
+def check_step_settings(folder: Path, settings: dict[str, Any]) -> None:
+    """Refuse a step folder made with other settings than `settings` (its `settings.json`, written when the step
+    first ran): a DataError naming the folder and the changed settings."""
+    path = folder / "settings.json"
     if path.is_file():
         old = read_json(path)
-        if old != json.loads(json.dumps(config)):
-            changed = sorted(k for k in config if old.get(k) != json.loads(json.dumps(config[k])))
-            raise DataError(f"{path}: this run folder was made with a different config (changed: {changed}); "
-                            "use a new run_dir or restore the old settings")
-    else:
-        atomic_write_json(path, config)
+        if old != settings:
+            raise DataError(f"{folder}: made with other settings (changed: {_changed(old, settings)}); delete this "
+                            "folder and the later steps' folders to run them again with these settings (the steps "
+                            "before it are reused), or use a new folder")
+
+
+def check_run_folder(run: Path, spec: PipelineSpec) -> None:
+    """Check every step folder of a pipeline run against the settings it depends on (`step_settings`) before any
+    step runs, then record the settings in `pipeline_config.json`: a re-run reuses the steps whose settings did not
+    change (a new `score.selection` keeps the proxy and the scores) and names the first step that must be redone."""
+    for step in RUN_STEPS:
+        check_step_settings(run / step, step_settings(spec, step))
+    atomic_write_json(run / "pipeline_config.json", as_json(spec))
 
 
 def _time_before(folder: Path) -> tuple[float, dict[str, float] | None]:
@@ -288,9 +323,11 @@ def _time_before(folder: Path) -> tuple[float, dict[str, float] | None]:
     return before, last
 
 
-def run_step(folder: Path, times: dict[str, float], name: str, body) -> dict[str, Any]:
+def run_step(folder: Path, times: dict[str, float], name: str, body, settings: dict[str, Any]) -> dict[str, Any]:
     """Run `body(folder)` unless `folder/done.json` exists; record its wall time in the marker (with the time of
-    earlier attempts killed before the step completed, `_time_before`)."""
+    earlier attempts killed before the step completed, `_time_before`). `settings` (what the result depends on) are
+    checked against the folder's (`check_step_settings`) and written when the step first runs."""
+    check_step_settings(folder, settings)
     marker = folder / "done.json"
     if marker.is_file():
         done = read_json(marker)
@@ -301,10 +338,15 @@ def run_step(folder: Path, times: dict[str, float], name: str, body) -> dict[str
     else:
         print(f"[pipeline] {name}: running in {folder}")
         folder.mkdir(parents=True, exist_ok=True)
+        first = not (folder / "settings.json").is_file()
+        if first:
+            atomic_write_json(folder / "settings.json", settings)
         (before, last), start = _time_before(folder), time.perf_counter()
         try:
             done = body(folder)
-        except DataError:  # a user error leaves the folder as it was: the attempt note too
+        except DataError:  # a user error leaves the folder as it was: the settings and attempt notes too
+            if first:
+                (folder / "settings.json").unlink()
             if last is None:
                 (folder / "attempt.json").unlink(missing_ok=True)
             else:

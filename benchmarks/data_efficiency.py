@@ -12,7 +12,10 @@ strategy and k, each trained with the base config's `train` stage and tested at 
 Cross-model transfer (optional): the MiniRec-k selection made with the base policy's proxy trains `transfer_policy`,
 next to that policy trained on random-k. Time per method counts what the method needs: full and random = training;
 the scored strategies = proxy + scoring + selection + training (the one proxy and scoring serve every k). Test time is
-reported but not counted. Every stage writes `done.json`, so a killed benchmark resumes where it stopped.
+reported but not counted. Every stage writes `done.json`, so a killed benchmark resumes where it stopped; each also
+records the settings it depends on (`pipeline.step_settings`), so grids that differ only in how they select (e.g.
+`score.selection.mu`) can share a `work_dir`: they reuse its proxies, scores, untrained test and the fits of equal
+selections (fit folders are named by the selection's contents), and a setting that changes a step is refused by name.
 
 `learner: sasrec` trains SASRec (`minirec.sasrec`, a classic sequential recommender that learns from a few hundred
 samples in seconds) instead of the policy on every selection: the selections, made with the policy's proxy and scores
@@ -57,7 +60,7 @@ from minirec.rewards import misses_top_k
 from minirec.sasrec import SASRecConfig, sasrec_ranks, train_sasrec
 from minirec.selection import STRATEGIES, learnability, representativeness
 from minirec.subsets import ScoreTable, Selection, select_subsets
-from pipeline import PipelineSpec, check_run_config, fit_proxy, fit_subset, run_step, score_pool, test_best
+from pipeline import PipelineSpec, fit_proxy, fit_subset, run_step, score_pool, step_settings, test_best
 
 LEARNERS = ("policy", "sasrec")
 SCORED = ("minirec", "minirec_no_curriculum", "learnability", "representativeness", "diversity")
@@ -136,13 +139,21 @@ def write_selections(spec: PipelineSpec, table: ScoreTable, strategy: str, ks: l
     return paths, seconds
 
 
-def train_and_test(spec: PipelineSpec, folder: Path, selection: str, baselines: bool) -> dict[str, Any]:
-    """Fit on a selection file, then test its best-valid checkpoint (each a resumable stage), with the baselines on
-    the same test samples when `baselines` is set; `report` is the test's `test_metrics.json`."""
+def fit_folder(parent: Path, name: str, selection: str) -> Path:
+    """`parent/<name>-<digest>`: the folder of a fit on a selection file, named by what the fit reads from it
+    (`Selection.digest`), so grids that share a `work_dir` share the fits of equal selections (full data and random-k
+    under another `mu`, say) and never reuse a fit of a different one."""
+    return parent / f"{name}-{Selection.load(selection).digest()}"
+
+
+def train_and_test(spec: PipelineSpec, folder: Path, selection: str) -> dict[str, Any]:
+    """Fit on a selection file, then test its best-valid checkpoint (each a resumable step with the settings
+    `step_settings(spec, "fit")`); `report` is the test's `test_metrics.json`."""
     times: dict[str, float] = {}
-    fit = run_step(folder / "train", times, f"train {folder.name}", lambda d: fit_subset(spec, d, selection))
+    settings = step_settings(spec, "fit")
+    fit = run_step(folder / "train", times, f"train {folder.name}", lambda d: fit_subset(spec, d, selection), settings)
     test = run_step(folder / "test", times, f"test {folder.name}",
-                     lambda d: test_best(spec, d, fit["best_checkpoint"], baselines))
+                    lambda d: test_best(spec, d, fit["best_checkpoint"], baselines=False), settings)
     return {"fit": fit, "metrics": test["metrics"], "report": test["baselines"],
             "train_s": times[f"train {folder.name}"], "test_s": times[f"test {folder.name}"]}
 
@@ -186,7 +197,7 @@ def sasrec_train_and_test(spec: PipelineSpec, folder: Path, selection: str, step
                            "ranks": {"policy": ranks.tolist()}},
                 "train_s": train_s, "test_s": time.perf_counter() - start}
 
-    return run_step(folder, {}, folder.name, body)
+    return run_step(folder, {}, folder.name, body, {**step_settings(spec, "fit"), "sasrec_steps": steps})
 
 
 def score_quarters(spec: PipelineSpec, table: ScoreTable, folder: Path, steps: int) -> list[dict[str, Any]]:
@@ -205,11 +216,12 @@ def score_quarters(spec: PipelineSpec, table: ScoreTable, folder: Path, steps: i
             path.parent.mkdir(parents=True, exist_ok=True)
             Selection(ids=ids, stages=[0] * len(ids), curriculum="none", fingerprint=spec.processing.fingerprint(),
                       k=len(ids), strategy=f"{name}_q{quarter}", selection_order=ids, pool_size=n).save(path)
-            result = sasrec_train_and_test(spec, folder / f"sasrec_{name}_q{quarter}", str(path), steps)
+            fit = fit_folder(folder, f"sasrec_{name}_q{quarter}", str(path))
+            result = sasrec_train_and_test(spec, fit, str(path), steps)
             rows.append({"seed": spec.seed, "score": name, "quarter": quarter, "samples_per_quarter": len(ids),
                          "score_min": float(score[part].min()), "score_max": float(score[part].max()),
                          "val_ndcg@10": result["fit"]["best_val_ndcg@10"],
-                         "samples": sample_ndcg10(result["report"], "policy", folder / f"sasrec_{name}_q{quarter}")})
+                         "samples": sample_ndcg10(result["report"], "policy", fit / "done.json")})
     return rows
 
 
@@ -284,33 +296,34 @@ def pool_diagnostics(table: ScoreTable, spec: PipelineSpec) -> dict[str, Any]:
 def run_seed(spec: PipelineSpec, out: Path, ks: list[int], strategies: list[str], transfer_policy: dict[str, Any] | None,
              transfer_k: int | None, learner: str = "policy", sasrec_steps: int = 2000
              ) -> tuple[list, dict[str, Any], list]:
-    """Every method of one seed under `out/seed<seed>` (SASRec's under `sasrec_<method>`; the untrained policy's test
-    under `out/untrained_test`, shared by the seeds); -> (one row per trained model, each with its per-sample test
+    """Every method of one seed under `out/seed<seed>`, each fit in `<method>-<digest>` (SASRec's in
+    `sasrec_<method>-<digest>`, `fit_folder`); the baselines from the untrained policy's test in `out/untrained_test`,
+    shared by the seeds; -> (one row per trained model, each with its per-sample test
     NDCG@10 under `samples` (none for the random-ranking expectation), the pool diagnostics, the SASRec learner's
     `score_quarters` rows (none for the policy))."""
     folder = out / f"seed{spec.seed}"
-    check_run_config(folder, spec)
     times: dict[str, float] = {}
-    proxy = run_step(folder / "proxy", times, "proxy", lambda d: fit_proxy(spec, d))
-    run_step(folder / "scores", times, "score", lambda d: score_pool(spec, d, proxy["adapter"]))
+    proxy = run_step(folder / "proxy", times, "proxy", lambda d: fit_proxy(spec, d), step_settings(spec, "proxy"))
+    run_step(folder / "scores", times, "score", lambda d: score_pool(spec, d, proxy["adapter"]),
+             step_settings(spec, "scores"))
     table = ScoreTable.load(folder / "scores" / "score_table.pt")
-    if learner == "sasrec":  # the zero-shot baseline: the untrained policy (LoRA at its zero start), greedy
-        untrained = run_step(out / "untrained_test", times, "untrained test", lambda d: test_best(spec, d, None))
-        untrained = untrained["baselines"]
+    # the baselines (zero-shot, popularity, random) on the test samples, with the untrained policy, greedy
+    base_path = out / "untrained_test" / "test_metrics.json"
+    base_report = run_step(out / "untrained_test", times, "untrained test", lambda d: test_best(spec, d, None),
+                           step_settings(spec, "untrained"))["baselines"]
     rows = []
 
     def add(policy_spec: PipelineSpec, strategy: str, k: int, path: str, select_s: float, name: str) -> None:
         """Train and test one method; its time counts the proxy and scoring only if its selection used them. The
-        seed's first method also tests the baselines (the same for every method of the seed)."""
+        seed's rows start with the baselines (the same for every method of the seed)."""
         if learner == "sasrec":
-            result, label = sasrec_train_and_test(policy_spec, folder / f"sasrec_{name}", path, sasrec_steps), "sasrec"
-            report, report_path = result["report"], folder / f"sasrec_{name}" / "done.json"
-            base_report, base_path = untrained, out / "untrained_test" / "test_metrics.json"
+            fit = fit_folder(folder, f"sasrec_{name}", path)
+            result, label = sasrec_train_and_test(policy_spec, fit, path, sasrec_steps), "sasrec"
+            report, report_path = result["report"], fit / "done.json"
         else:
-            result = train_and_test(policy_spec, folder / name, path, baselines=not rows)
-            label = policy_spec.policy.pretrained
-            report, report_path = result["report"], folder / name / "test" / "test_metrics.json"
-            base_report, base_path = report, report_path
+            fit = fit_folder(folder, name, path)
+            result, label = train_and_test(policy_spec, fit, path), policy_spec.policy.pretrained
+            report, report_path = result["report"], fit / "test" / "test_metrics.json"
         m = result["metrics"]
         if not rows:
             for method, row_name in BASELINES.items():

@@ -5,8 +5,9 @@ Flow (METHOD.md §5 steps 5-7):
    or write `fingerprint.json`, and tell the datamodule which samples earlier (killed) runs already scored.
 2. `write_on_batch_end`: every rank writes each batch atomically as `shards/rank{R}-{first_sample_id}.pt`.
 3. `teardown("predict")` (after a predict without error): barrier; rank 0 merges the shards (each pool sample exactly
-   once, in pool order), computes L, R, q, selects once for the largest k (smaller ks are prefixes), builds each
-   curriculum and writes the artefacts.
+   once, in pool order) into `score_table.pt`, computes L, R, q, selects once for the largest k (smaller ks are
+   prefixes), builds each curriculum and writes the artefacts (`write_selection_artefacts`).
+`reselect` selects again from a complete score folder when only the selection settings changed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import csv
 from dataclasses import asdict
 import hashlib
 import io
-import json
 import os
 import time
 from pathlib import Path
@@ -26,8 +26,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from minirec import plots
-from minirec.io import DataError, atomic_file, atomic_write_json, atomic_write_text, read_json
-from minirec.subsets import ScoreTable, SelectionConfig, select_subsets
+from minirec.io import DataError, as_json, atomic_file, atomic_write_json, atomic_write_text, read_json
+from minirec.subsets import ScoreTable, Selection, SelectionConfig, select_subsets
 
 # predict_step output per batch: name -> number of dimensions (first dimension = batch size B)
 PREDICTION_FIELDS = {"sample_id": 1, "rewards": 2, "mean_reward": 1, "user_emb": 2, "rep_vec": 2}
@@ -38,11 +38,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save` to `path` through a hidden temp file in the same folder and an atomic rename."""
     with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-
-
-def _normalised(obj: Any) -> Any:
-    """obj as it reads back from JSON (tuples -> lists, keys -> str), so fresh and stored values compare equal."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 class ScoreWriter(BasePredictionWriter):
@@ -91,10 +86,8 @@ class ScoreWriter(BasePredictionWriter):
         if not callable(getattr(pl_module, "scoring_config", None)):
             raise DataError(f"ScoreWriter needs a scoring module with scoring_config(); got {type(pl_module).__name__}")
         pool = dm.predict_pool_ids()
-        too_big = [k for k in self.selection.ks if k > len(pool)]
-        if too_big:
-            raise DataError(f"selection.ks: subset sizes {too_big} exceed the scoring pool of {len(pool)} samples")
-        self.fingerprint = _normalised({
+        check_ks(self.selection, len(pool))
+        self.fingerprint = as_json({
             "dataset": dm.processing.fingerprint(),
             "scoring": pl_module.scoring_config(),
             "pool": {
@@ -220,49 +213,80 @@ class ScoreWriter(BasePredictionWriter):
 
     def _merge(self, pool: list[int]) -> None:
         table = ScoreTable(**self.merged_table(pool))
-        config = self.selection
-        result = select_subsets(table, config, self.fingerprint["dataset"],
-                                config={**asdict(config), "scoring": self.fingerprint["scoring"]},
-                                proxy_checkpoint=self.fingerprint["scoring"].get("proxy"))
-        ids, rewards, mean = table.sample_id, table.rewards.float(), table.mean_reward.float()
-        order, selections = result.order, result.selections
-        per_k = {str(k): {name: float(v[order[:k]].mean()) for name, v in
-                          (("mean_reward", mean), ("mean_L", result.L), ("mean_R", result.R), ("mean_q", result.q))}
-                 for k in selections}
-        row_of = {int(s): r for r, s in enumerate(ids.tolist())}
-        k_max = max(config.ks)
-        rank = torch.full((len(pool),), -1, dtype=torch.long)
-        rank[order] = torch.arange(k_max)
-        stage = torch.full((len(pool),), -1, dtype=torch.long)
-        curriculum_rows = [row_of[i] for i in selections[k_max].ids]
-        stage[curriculum_rows] = torch.tensor(selections[k_max].stages)
+        write_selection_artefacts(self.output_dir, table, self.selection, self.fingerprint, {
+            "previously_scored": self.previously_scored, "seconds": round(time.perf_counter() - self.start_time, 3)})
 
-        self._write_csv(ids, rewards, mean, result.L, result.R, result.q, rank, stage)
-        table.save(self.output_dir / "score_table.pt")
-        plots.reward_histogram(mean, self.output_dir / "reward_hist.png")
-        plots.learnability_vs_representativeness(result.L, result.R, order, self.output_dir / "l_vs_r.png")
-        plots.selected_vs_pool(table.user_emb, order, self.output_dir / "selected_vs_pool.png")
-        plots.curriculum_order(mean[curriculum_rows], selections[k_max].stages, self.output_dir / "curriculum.png")
-        for k, sel in selections.items():
-            sel.save(self.output_dir / f"selection_k{k}.json")
-        atomic_write_json(self.output_dir / "summary.json", {
-            "pool_size": len(pool), "num_rollouts": rewards.shape[1], "mean_reward": float(mean.mean()),
-            "frac_all_rewards_zero": float((rewards == 0).all(dim=1).float().mean()),
-            "pool_mean_L": float(result.L.mean()), "pool_mean_R": float(result.R.mean()),
-            "strategy": config.strategy, "curriculum": config.mode, "per_k": per_k,
-            "previously_scored": self.previously_scored, "seconds": round(time.perf_counter() - self.start_time, 3),
-        })
-        selections[config.ks[0]].save(self.output_dir / "selection.json")  # last: marks the stage done
 
-    def _write_csv(self, ids: torch.Tensor, rewards: torch.Tensor, mean: torch.Tensor, L_: torch.Tensor,
-                   R_: torch.Tensor, q: torch.Tensor, rank: torch.Tensor, stage: torch.Tensor) -> None:
-        """scores.csv: one row per pool sample (pool order), rewards space-separated; rank/stage -1 = not selected."""
-        buf = io.StringIO()
-        out = csv.writer(buf, lineterminator="\n")
-        out.writerow(CSV_COLUMNS)
-        g = lambda x: f"{x:.9g}"  # noqa: E731
-        columns = zip(ids.tolist(), rewards.tolist(), mean.tolist(), L_.tolist(), R_.tolist(), q.tolist(),
-                      rank.tolist(), stage.tolist())
-        for sid, rs, m, lv, rv, qv, rk, st in columns:
-            out.writerow([sid, " ".join(map(g, rs)), g(m), g(lv), g(rv), g(qv), rk, st])
-        atomic_write_text(self.output_dir / "scores.csv", buf.getvalue())
+def check_ks(config: SelectionConfig, pool_size: int) -> None:
+    """A DataError when a subset size exceeds the scoring pool."""
+    too_big = [k for k in config.ks if k > pool_size]
+    if too_big:
+        raise DataError(f"selection.ks: subset sizes {too_big} exceed the scoring pool of {pool_size} samples")
+
+
+def write_selection_artefacts(output_dir: Path, table: ScoreTable, config: SelectionConfig, fingerprint: dict[str, Any],
+                     scoring: dict[str, Any]) -> None:
+    """The selection artefacts of a scored pool (`ScoreTable`, N samples) in `output_dir`, once the selection
+    succeeded: `score_table.pt`, `scores.csv`, `selection_k{k}.json` per k, the plots, `summary.json` (with the scoring's `scoring` numbers) and last
+    `selection.json`; `fingerprint` is the score folder's (dataset and scoring settings)."""
+    pool = table.sample_id.tolist()
+    check_ks(config, len(pool))
+    result = select_subsets(table, config, fingerprint["dataset"],
+                            config={**asdict(config), "scoring": fingerprint["scoring"]},
+                            proxy_checkpoint=fingerprint["scoring"].get("proxy"))
+    ids, rewards, mean = table.sample_id, table.rewards.float(), table.mean_reward.float()
+    order, selections = result.order, result.selections
+    per_k = {str(k): {name: float(v[order[:k]].mean()) for name, v in
+                      (("mean_reward", mean), ("mean_L", result.L), ("mean_R", result.R), ("mean_q", result.q))}
+             for k in selections}
+    row_of = {int(s): r for r, s in enumerate(pool)}
+    k_max = max(config.ks)
+    rank = torch.full((len(pool),), -1, dtype=torch.long)
+    rank[order] = torch.arange(k_max)
+    stage = torch.full((len(pool),), -1, dtype=torch.long)
+    curriculum_rows = [row_of[i] for i in selections[k_max].ids]
+    stage[curriculum_rows] = torch.tensor(selections[k_max].stages)
+
+    table.save(output_dir / "score_table.pt")
+    _write_csv(output_dir, ids, rewards, mean, result.L, result.R, result.q, rank, stage)
+    plots.reward_histogram(mean, output_dir / "reward_hist.png")
+    plots.learnability_vs_representativeness(result.L, result.R, order, output_dir / "l_vs_r.png")
+    plots.selected_vs_pool(table.user_emb, order, output_dir / "selected_vs_pool.png")
+    plots.curriculum_order(mean[curriculum_rows], selections[k_max].stages, output_dir / "curriculum.png")
+    for k, sel in selections.items():
+        sel.save(output_dir / f"selection_k{k}.json")
+    atomic_write_json(output_dir / "summary.json", {
+        "pool_size": len(pool), "num_rollouts": rewards.shape[1], "mean_reward": float(mean.mean()),
+        "frac_all_rewards_zero": float((rewards == 0).all(dim=1).float().mean()),
+        "pool_mean_L": float(result.L.mean()), "pool_mean_R": float(result.R.mean()),
+        "strategy": config.strategy, "curriculum": config.mode, "per_k": per_k, **scoring,
+    })
+    selections[config.ks[0]].save(output_dir / "selection.json")  # last: marks the selection done
+
+
+def reselect(output_dir: str | Path, config: SelectionConfig) -> bool:
+    """Select again from a complete score folder whose `selection.json` was made with other selection settings
+    than `config` (the scores do not depend on them: the merged `score_table.pt` is reused); -> whether it did."""
+    output_dir = Path(output_dir)
+    made = Selection.load(output_dir / "selection.json").config or {}
+    if {k: v for k, v in made.items() if k != "scoring"} == as_json(config):
+        return False
+    summary = read_json(output_dir / "summary.json")
+    write_selection_artefacts(output_dir, ScoreTable.load(output_dir / "score_table.pt"), config,
+                     read_json(output_dir / "fingerprint.json"),
+                     {k: summary[k] for k in ("previously_scored", "seconds") if k in summary})
+    return True
+
+
+def _write_csv(output_dir: Path, ids: torch.Tensor, rewards: torch.Tensor, mean: torch.Tensor, L_: torch.Tensor,
+               R_: torch.Tensor, q: torch.Tensor, rank: torch.Tensor, stage: torch.Tensor) -> None:
+    """scores.csv: one row per pool sample (pool order), rewards space-separated; rank/stage -1 = not selected."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(CSV_COLUMNS)
+    g = lambda x: f"{x:.9g}"  # noqa: E731
+    columns = zip(ids.tolist(), rewards.tolist(), mean.tolist(), L_.tolist(), R_.tolist(), q.tolist(),
+                  rank.tolist(), stage.tolist())
+    for sid, rs, m, lv, rv, qv, rk, st in columns:
+        out.writerow([sid, " ".join(map(g, rs)), g(m), g(lv), g(rv), g(qv), rk, st])
+    atomic_write_text(output_dir / "scores.csv", buf.getvalue())

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from argparse import ArgumentError
 from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -157,6 +158,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write `obj` as indented JSON."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def as_json(obj: Any) -> Any:
+    """`obj` as `atomic_write_json` / `read_json` give it back (dataclasses -> dicts, tuples -> lists, keys -> str,
+    other values -> str), so fresh settings compare equal to stored ones."""
+    return json.loads(json.dumps(asdict(obj) if is_dataclass(obj) else obj, sort_keys=True, default=str))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -11,6 +11,8 @@ selection core shared by the score writer and the data-efficiency benchmark.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -139,6 +141,12 @@ class Selection:
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(path, asdict(self))
+
+    def digest(self) -> str:
+        """12 hex digits of what a fit reads from the selection (dataset, ids in order, stages, curriculum): equal
+        digests train alike, whatever settings chose them."""
+        what = json.dumps([self.fingerprint, self.ids, self.stages, self.curriculum])
+        return hashlib.sha256(what.encode()).hexdigest()[:12]
 
     @classmethod
     def load(cls, path: str | Path, fingerprint: str | None = None) -> Selection:

@@ -1,9 +1,11 @@
-"""Shared test set-up: offline Hugging Face, a temporary HF_HOME, and the paths of the real fixture data."""
+"""Shared test set-up: offline Hugging Face, a temporary HF_HOME and model cache (removed at the end), and the paths
+of the real fixture data."""
 
 from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,12 +15,21 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="minirec-hf-"))
-os.environ.setdefault("MINIREC_CACHE", tempfile.mkdtemp(prefix="minirec-models-"))  # converted / tiny models, per run
+SESSION_FOLDERS = []  # made here (not the caller's), removed at the end
+for name, prefix in (("HF_HOME", "minirec-hf-"), ("MINIREC_CACHE", "minirec-models-")):  # MINIREC_CACHE: models
+    if name not in os.environ:
+        os.environ[name] = tempfile.mkdtemp(prefix=prefix)
+        SESSION_FOLDERS.append(os.environ[name])
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 AMAZON_DIR = PROJECT_ROOT.parent / "shared" / "data" / "amazon2023"
 BENCHMARKS = PROJECT_ROOT / "benchmarks"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove this session's model and HF folders (hundreds of MB; the disk of a shared CI machine is finite)."""
+    for folder in SESSION_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ import cli
 from minirec.io import DataError, atomic_write_json, load_checkpoint, run_command
 from minirec.policy import Policy
 from minirec.processing import ProcessingConfig, build_dataset
-from pipeline import PipelineSpec, check_run_config, score_pool
+from pipeline import PipelineSpec, check_run_folder, score_pool, step_settings
 
 SYNTH = ProcessingConfig(dataset="synthetic", synthetic_users=40, synthetic_items=16)
 SYNTH_ARGS = ["--data.processing.dataset", "synthetic", "--data.processing.synthetic_users", "40",
@@ -190,21 +190,23 @@ def pipeline_args(run: Path, cache: Path, *extra: str) -> list[str]:
 
 
 def start_run(run: Path, argv: list[str]) -> PipelineSpec:
-    """Make `run` a pipeline run folder of the settings `argv` gives (its pipeline_config.json); returns them."""
+    """Make `run` a pipeline run folder of the settings `argv` gives, its proxy step started (`proxy/settings.json`);
+    returns them."""
     parser = cli.pipeline_parser()
     cfg = parser.instantiate(parser.parse_args(argv[1:]))
     spec = PipelineSpec(**{k: v for k, v in vars(cfg).items() if k not in ("config", "run_dir")})
-    check_run_config(run, spec)
+    check_run_folder(run, spec)
+    (run / "proxy").mkdir()
+    atomic_write_json(run / "proxy" / "settings.json", step_settings(spec, "proxy"))
     return spec
 
 
 def test_foreign_and_half_written_run_folders(capsys, tmp_path: Path, cache: Path) -> None:
     run = tmp_path / "run"
     start_run(run, pipeline_args(run, cache, "--seed", "1"))
-    fails(capsys, pipeline_args(run, cache), r"different config \(changed: \['seed'\]\)", run, cache)
+    fails(capsys, pipeline_args(run, cache), r"run/proxy: made with other settings \(changed: \['seed'\]\)", run, cache)
 
     start_run(half := tmp_path / "half", pipeline_args(tmp_path / "half", cache))
-    (half / "proxy").mkdir()
     (half / "proxy" / "done.json").write_text('{"adapter": "x", "seco')
     fails(capsys, pipeline_args(half, cache), r"proxy/done\.json:1: malformed JSON", half, cache)
     (half / "proxy" / "done.json").write_text('{"adapter": "x"}')
@@ -213,9 +215,9 @@ def test_foreign_and_half_written_run_folders(capsys, tmp_path: Path, cache: Pat
     (half / "proxy" / "checkpoints").mkdir()
     (half / "proxy" / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 half a checkpoint")
     fails(capsys, pipeline_args(half, cache), r"proxy/checkpoints/last\.ckpt: unreadable checkpoint", half, cache)
-    config = half / "pipeline_config.json"
-    config.write_text(config.read_text()[:100])
-    fails(capsys, pipeline_args(half, cache), r"pipeline_config\.json:\d+: malformed JSON", half, cache)
+    settings = half / "proxy" / "settings.json"
+    settings.write_text(settings.read_text()[:100])
+    fails(capsys, pipeline_args(half, cache), r"proxy/settings\.json:\d+: malformed JSON", half, cache)
 
     (tmp_path / "file").write_text("not a folder")
     fails(capsys, pipeline_args(tmp_path / "file", cache), r"File exists: '.*/file'$", cache, tmp_path)

@@ -76,10 +76,10 @@ def test_every_method_runs_once_with_its_time(run) -> None:
     baselines = [r for r in rows if r["strategy"] in ("zero-shot", "popularity", "random ranking")]
     assert sorted((r["seed"], r["strategy"]) for r in baselines) == sorted(
         (s, m) for s in "01" for m in ("zero-shot", "popularity", "random ranking"))  # once per seed, untrained
-    for seed in "01":  # measured on the seed's first trained model's test samples (full data)
-        first = json.loads((folder / f"work/seed{seed}/full_k24/test/test_metrics.json").read_text())
+    untrained = json.loads((folder / "work/untrained_test/test_metrics.json").read_text())  # one test for the seeds
+    for seed in "01":
         zero_shot = next(r for r in baselines if r["seed"] == seed and r["strategy"] == "zero-shot")
-        assert float(zero_shot["test_ndcg@10"]) == pytest.approx(first["methods"]["zero_shot"]["ndcg@10"]["mean"])
+        assert float(zero_shot["test_ndcg@10"]) == pytest.approx(untrained["methods"]["zero_shot"]["ndcg@10"]["mean"])
     rows = [r for r in rows if r not in baselines]
     keys = sorted((r["seed"], r["policy"], r["strategy"], r["k"]) for r in rows)
     expected = sorted([(s, "tiny-random-qwen2", m, k) for s in "01" for m, k in
@@ -199,8 +199,9 @@ def test_sasrec_learner_judges_the_same_selections(bench, run) -> None:
                              [("full", "24"), ("random", "8"), ("random", "16"), ("minirec", "8"), ("minirec", "16")])
     work = folder / "work/seed0"
     for r in (r for r in rows if r["k"] != "0"):
-        done = json.loads((work / f"sasrec_{r['strategy']}_k{r['k']}/done.json").read_text())
-        selection = json.loads((work / f"selections/{r['strategy']}_k{r['k']}.json").read_text())
+        name = f"{r['strategy']}_k{r['k']}"
+        done = json.loads((fit_dir(bench, work, f"sasrec_{name}", name) / "done.json").read_text())
+        selection = json.loads((work / f"selections/{name}.json").read_text())
         assert done["fit"]["train_samples"] == len(selection["ids"]) == int(r["k"])
         assert 80 <= done["fit"]["global_step"] <= 200 + 8  # the same step budget whatever k (stopped after 40 %)
         ranks = torch.tensor(done["report"]["ranks"]["policy"])
@@ -213,7 +214,7 @@ def test_sasrec_learner_judges_the_same_selections(bench, run) -> None:
     zero_shot = next(r for r in rows if r["strategy"] == "zero-shot")
     assert zero_shot["policy"] == "tiny-random-qwen2"
     assert float(zero_shot["test_ndcg@10"]) == pytest.approx(untrained["methods"]["zero_shot"]["ndcg@10"]["mean"])
-    policy_test = json.loads((work / "full_k24/test/test_metrics.json").read_text())  # the policy grid's samples
+    policy_test = json.loads((fit_dir(bench, work, "full_k24", "full_k24") / "test/test_metrics.json").read_text())
     assert len(policy_test["ranks"]["policy"]) == len(ranks)
     assert {r["strategy"] for r in summary if r["policy"] == "sasrec"} == {"full", "random", "minirec"}
     assert "learner **SASRec**" in (out / "data_efficiency.md").read_text()
@@ -231,8 +232,45 @@ def test_sasrec_learner_judges_the_same_selections(bench, run) -> None:
             float(top["test_ndcg@10_mean"]) - float(bottom["test_ndcg@10_mean"]), abs=1e-6)
     spec = replace(bench.load_spec(str(folder / "base.yaml")), seed=0)
     again = bench.sasrec_train_and_test(spec, folder / "sasrec_again", str(work / "selections/minirec_k8.json"), 200)
-    first = json.loads((work / "sasrec_minirec_k8/done.json").read_text())
+    first = json.loads((fit_dir(bench, work, "sasrec_minirec_k8", "minirec_k8") / "done.json").read_text())
     assert again["report"]["ranks"] == first["report"]["ranks"] and again["fit"] == first["fit"]
+
+
+def fit_dir(bench, work: Path, name: str, selection: str) -> Path:
+    """The folder of the fit `name` on `work/selections/<selection>.json` (named by its contents)."""
+    return bench.fit_folder(work, name, str(work / "selections" / f"{selection}.json"))
+
+
+def test_grids_that_select_differently_share_a_work_dir(bench, run) -> None:
+    """A grid with another `score.selection.mu` in the same work_dir reuses the proxies, scores, untrained test and
+    every fit whose selection is unchanged (full data, random-k), fits the changed selections anew (and reports their
+    own numbers); a setting that changes the scores is refused by name before anything runs."""
+    folder, _ = run
+    work, out = folder / "work", folder / "mu_results"
+    args = dict(base=str(folder / "base.yaml"), out=str(out), work_dir=str(work), ks=[8, 16], seeds=[0],
+                strategies=["full", "random", "minirec"], learner="sasrec", sasrec_steps=200)
+    bench.run_benchmark(**args)  # as the SASRec test above ran it (no-op if it did)
+    seed = work / "seed0"
+    inputs = {f"sasrec_{n}": seed / f"selections/{n}.json" for n in
+              ("full_k24", "random_k8", "random_k16", "minirec_k8", "minirec_k16")}
+    inputs |= {f"sasrec_{s}_q{q}": seed / f"quarters/{s}_q{q}.json" for s in "LR" for q in (1, 2, 3, 4)}
+    digests = lambda: {n: bench.Selection.load(p).digest() for n, p in inputs.items()}  # noqa: E731
+    markers, old = {p: p.stat().st_mtime_ns for p in work.rglob("done.json")}, digests()
+    bench.run_benchmark(**{**args, "base_args": ["--score.selection.mu", "0.05"]})
+    now, new = {p: p.stat().st_mtime_ns for p in work.rglob("done.json")}, digests()
+    assert all(now[p] == t for p, t in markers.items())  # nothing that existed ran again
+    changed = sorted(n for n in inputs if new[n] != old[n])
+    assert "sasrec_minirec_k8" in changed and not any("full" in n or "random" in n or "_R_" in n for n in changed)
+    assert sorted(p.parent.name for p in set(now) - set(markers)) == sorted(f"{n}-{new[n]}" for n in changed)
+    changed = [n.removeprefix("sasrec_") for n in changed if "minirec" in n]
+    rows = {(r["strategy"], r["k"]): r for r in read_csv(out / "runs.csv")}
+    for n in changed:
+        done = json.loads((fit_dir(bench, work / "seed0", f"sasrec_{n}", n) / "done.json").read_text())
+        strategy, k = n.rsplit("_k", 1)
+        assert float(rows[strategy, k]["test_ndcg@10"]) == pytest.approx(done["metrics"]["test/ndcg@10"])
+    with pytest.raises(DataError, match=r"seed0/scores: made with other settings \(changed: \['score.num_rollouts'\]"):
+        bench.run_benchmark(**{**args, "base_args": ["--score.num_rollouts", "3"]})
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("done.json")} == now
 
 
 @pytest.mark.parametrize("over, match", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -77,8 +78,49 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path: Path, monkeypatch: pytest
 
     again = tiny_run(tmp_path)  # every stage is complete: nothing runs again
     assert again["test"]["metrics"] == first["test"]["metrics"] and again["seconds"] == first["seconds"]
-    with pytest.raises(DataError, match=r"different config \(changed: \['seed'\]\)"):
+    with pytest.raises(DataError, match=r"run/proxy: made with other settings \(changed: \['seed'\]\)"):
         tiny_run(tmp_path, seed=1)
+
+
+def test_a_new_selection_reuses_the_proxy_and_the_scores(tmp_path: Path) -> None:
+    """A changed `score.selection` keeps the proxy and the scores: the train step that used the old selection is
+    refused by name (nothing rewritten), and once train/ and test/ are deleted the run selects anew from the saved
+    scores, exactly as a fresh scoring with those settings selects, and trains on that."""
+    import io
+    import shutil
+
+    import torch
+
+    from minirec.subsets import ScoreTable, select_subsets
+
+    first = tiny_run(tmp_path)
+    run = tmp_path / "run"
+    selection = SelectionConfig(ks=(16, 24), num_stages=2, mu=0.1, alpha=3.0)
+    new_score = ScoreStep(pool_size=32, num_rollouts=2, selection=selection)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match=r"run/train: made with other settings \(changed: \['score.selection.alpha', "
+                                        r"'score.selection.mu'\]\)"):
+        tiny_run(tmp_path, score=new_score)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # refused before anything ran
+    shutil.rmtree(run / "train"), shutil.rmtree(run / "test")
+    second = tiny_run(tmp_path, score=new_score)
+    assert second["seconds"]["proxy"] == first["seconds"]["proxy"]  # reused: the steps' recorded times
+    assert second["seconds"]["score"] == first["seconds"]["score"]
+    kept = [run / n for n in ("proxy/done.json", "scores/done.json", "scores/attempt.json", "scores/fingerprint.json")]
+    for path in kept + sorted((run / "scores/shards").glob("*.pt")):  # not fitted or scored again
+        assert path.read_bytes() == before[path]
+    table = ScoreTable.load(run / "scores/score_table.pt")
+    old_table = torch.load(io.BytesIO(before[run / "scores/score_table.pt"]), weights_only=True)
+    assert all(torch.equal(getattr(table, k), v) for k, v in old_table.items())
+    fresh = select_subsets(table, replace(selection, seed=0), "-").selections[16]
+    made = json.loads((run / "scores/selection.json").read_text())
+    assert made["ids"] == fresh.ids and made["stages"] == fresh.stages and made["config"]["mu"] == 0.1
+    assert made["ids"] != json.loads(before[run / "scores/selection.json"])["ids"]  # the new settings select others
+    summary = json.loads((run / "scores/summary.json").read_text())  # describes the new selection
+    rows = [table.sample_id.tolist().index(i) for i in made["ids"]]
+    assert summary["per_k"]["16"]["mean_reward"] == pytest.approx(float(table.mean_reward[rows].float().mean()))
+    assert summary["seconds"] == json.loads(before[run / "scores/summary.json"])["seconds"]  # the scoring's own
+    assert second["train"]["global_step"] > 0 and (run / "test/done.json").is_file()
 
 
 def test_a_step_killed_and_rerun_counts_the_time_of_both_attempts(tmp_path: Path) -> None:
@@ -98,15 +140,17 @@ def test_a_step_killed_and_rerun_counts_the_time_of_both_attempts(tmp_path: Path
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_step(folder, times, "fit", killed)
+        run_step(folder, times, "fit", killed, {"lr": 0.1})
     assert not (folder / "done.json").exists()
-    done = run_step(folder, times, "fit", lambda d: time.sleep(0.2) or {})
+    done = run_step(folder, times, "fit", lambda d: time.sleep(0.2) or {}, {"lr": 0.1})
     assert 30.2 <= done["seconds"] < 31.5 and times["fit"] == done["seconds"]
     assert json.loads((folder / "done.json").read_text())["seconds"] == done["seconds"]
     (folder / "done.json").unlink()
     (folder / "attempt.json").write_text("[]")
     with pytest.raises(DataError, match=r"attempt.json: fields 'seconds_before' / 'started' missing"):
-        run_step(folder, times, "fit", lambda d: {})
+        run_step(folder, times, "fit", lambda d: {}, {"lr": 0.1})
+    with pytest.raises(DataError, match=r"step: made with other settings \(changed: \['lr'\]\)"):
+        run_step(folder, times, "fit", lambda d: {}, {"lr": 0.2})  # a step is resumed only with its own settings
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")))
