@@ -21,12 +21,13 @@ selections (fit folders are named by the selection's contents), and a setting th
 samples in seconds) instead of the policy on every selection: the selections, made with the policy's proxy and scores
 as above, are then judged by a model that learns at this size (cross-model transfer to another kind of model).
 SASRec trains on the selected samples in shuffled epochs (no curriculum) for the same step budget whatever k,
-early-stopped on the whole validation split; the zero-shot baseline is the untrained policy, tested once.
+early-stopped on the whole validation split.
 
     python benchmarks/data_efficiency.py --config benchmarks/configs/data_efficiency_cpu.yaml
 
-Every row is tested on the same samples: its 95 % interval resamples them (the per-sample NDCG@10 averaged over
-seeds), and MiniRec-k is compared with random-k and full data by paired differences on those samples. `sasrec` adds
+Every row is tested on the same samples (the baselines, zero-shot, popularity and random ranking, once for all seeds
+by the untrained policy's test in `work_dir/untrained_test`): its 95 % interval resamples them (the per-sample NDCG@10
+averaged over seeds), and MiniRec-k is compared with random-k and full data by paired differences on those samples. `sasrec` adds
 the classic sequential recommender of `benchmarks/sasrec.py` (same split and test samples) as a reference row; the pool
 diagnostics (reward spread, samples with no reward, learnability) say what the scores had to select from.
 
