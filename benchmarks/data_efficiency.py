@@ -27,9 +27,10 @@ early-stopped on the whole validation split.
 
 Every row is tested on the same samples (the baselines, zero-shot, popularity and random ranking, once for all seeds
 by the untrained policy's test in `work_dir/untrained_test`): its 95 % interval resamples them (the per-sample NDCG@10
-averaged over seeds), and MiniRec-k is compared with random-k and full data by paired differences on those samples. `sasrec` adds
-the classic sequential recommender of `benchmarks/sasrec.py` (same split and test samples) as a reference row; the pool
-diagnostics (reward spread, samples with no reward, learnability) say what the scores had to select from.
+averaged over seeds), and MiniRec-k is compared with random-k and full data by paired differences on those samples.
+`sasrec` adds the classic sequential recommender of `benchmarks/sasrec.py` (same split and test samples) as a
+reference row; the pool diagnostics (reward spread, samples with no reward, learnability) say what the scores had to
+select from.
 
 Writes runs.csv (one row per trained model), summary.csv, pool.csv and data_efficiency.md (mean ± std over seeds, the
 intervals and the headline ratios), quality_vs_k.png, time_vs_k.png and quality_vs_time.png into `out`.

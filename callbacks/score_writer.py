@@ -224,11 +224,12 @@ def check_ks(config: SelectionConfig, pool_size: int) -> None:
         raise DataError(f"selection.ks: subset sizes {too_big} exceed the scoring pool of {pool_size} samples")
 
 
-def write_selection_artefacts(output_dir: Path, table: ScoreTable, config: SelectionConfig, fingerprint: dict[str, Any],
-                     scoring: dict[str, Any]) -> None:
+def write_selection_artefacts(output_dir: Path, table: ScoreTable, config: SelectionConfig,
+                              fingerprint: dict[str, Any], scoring: dict[str, Any]) -> None:
     """The selection artefacts of a scored pool (`ScoreTable`, N samples) in `output_dir`, once the selection
-    succeeded: `score_table.pt`, `scores.csv`, `selection_k{k}.json` per k, the plots, `summary.json` (with the scoring's `scoring` numbers) and last
-    `selection.json`; `fingerprint` is the score folder's (dataset and scoring settings)."""
+    succeeded: `score_table.pt`, `scores.csv`, `selection_k{k}.json` per k, the plots, `summary.json` (with the
+    scoring's `scoring` numbers) and last `selection.json`; `fingerprint` is the score folder's (dataset and scoring
+    settings)."""
     pool = table.sample_id.tolist()
     check_ks(config, len(pool))
     result = select_subsets(table, config, fingerprint["dataset"],
