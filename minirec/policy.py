@@ -35,6 +35,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -111,6 +112,39 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(was_training)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys / values `[R, Hkv, S, D]` are views of buffers `[R, Hkv, capacity, D]` allocated
+    once: `update` writes the new positions in place where `DynamicLayer` concatenates (a new allocation and a copy of
+    the whole cache per layer per step, most of SmolLM2's decode time on a CPU). Same values, so the same attention."""
+
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.buffers = [x.new_empty((*x.shape[:2], capacity, x.shape[3])) for x in (keys, values)]
+        self.length = 0
+        self.update(keys, values)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        end = self.length + key_states.shape[-2]
+        for buffer, new in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, self.length : end] = new
+        self.length = end
+        self.keys, self.values = (b[:, :, :end] for b in self.buffers)
+        return self.keys, self.values
+
+
+def preallocate(cache: DynamicCache, repeats: int, new_tokens: int) -> None:
+    """Repeat a prefilled cache `repeats` times per row (row b -> rows b·repeats .. b·repeats+repeats-1); its full
+    attention layers become `PreallocatedLayer`s with room for `new_tokens` more positions (other layers, e.g.
+    sliding-window ones, keep their own update)."""
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            keys, values = (x.repeat_interleave(repeats, dim=0) for x in (layer.keys, layer.values))
+            cache.layers[i] = PreallocatedLayer(keys, values, keys.shape[-2] + new_tokens)
+        else:
+            layer.batch_repeat_interleave(repeats)
 
 
 class MarkerStop(StoppingCriteria):
@@ -289,8 +323,8 @@ class Policy(torch.nn.Module):
         """Prompts `[B, P]` -> prompts + sampled tokens `[B x G, P + T]`, T <= max_new_tokens, rows that stopped
         (an EOS token or the marker, `MarkerStop`) padded with the pad token; row b*G+g is sample g of prompt b.
 
-        One prefill over the B prompts; its KV cache and last logits are repeated G times, then B x G rows decode one
-        token per step. Otherwise the steps of HF `generate(do_sample=True, num_return_sequences=G)` (which prefills
+        One prefill over the B prompts; its KV cache (into buffers with room for the new tokens: `preallocate`) and
+        last logits are repeated G times, then B x G rows decode one token per step. Otherwise the steps of HF `generate(do_sample=True, num_return_sequences=G)` (which prefills
         every prompt G times): the same positions and masks (none without padding), the temperature / top-k / top-p
         warpers in HF's order, one `torch.multinomial` over all rows per step, so a seed draws the same samples.
         """
@@ -306,7 +340,7 @@ class Policy(torch.nn.Module):
         positions = left_padded_positions(attention_mask)
         out = hf(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        cache.batch_repeat_interleave(num_samples)
+        preallocate(cache, num_samples, max_new_tokens)
         logits = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)  # [BG, V]
         seqs = input_ids.repeat_interleave(num_samples, dim=0)
         mask = None if mask is None else mask.repeat_interleave(num_samples, dim=0)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteriaList
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, StoppingCriteriaList
 
 from minirec.io import DataError
 from minirec.models import resolve_pretrained
-from minirec.policy import MarkerStop, Policy, PolicyConfig, finish_completion
+from minirec.policy import MarkerStop, Policy, PolicyConfig, finish_completion, preallocate
 
 MARKER = [44, 11247, 46]  # "<answer>" with the SmolLM2 tokenizer
 TEXTS = ["I liked [Abbey Road] and [Kind of Blue].", "Rated [Thriller] 5/5 and [Rumours] 4/5 last month, then more."]
@@ -179,6 +179,27 @@ def test_shared_prefill_sampling_draws_the_plain_generate_samples(arch, marker):
                                       for r in plain[:, ids.shape[1] :].tolist()]
     if marker == "e":  # some rows stopped at the marker before others
         assert 0 < int((plain[:, -1] == policy.tokenizer.pad_token_id).sum()) < 12
+
+
+def test_preallocated_cache_holds_the_concatenated_states_in_one_buffer():
+    """The decode cache after `preallocate` returns at every step what HF's concatenating cache returns (the prefill
+    repeated per sample, then each new position), from one buffer per layer that is never re-allocated."""
+    torch.manual_seed(0)
+    cache, reference = DynamicCache(), DynamicCache()
+    for layer in range(2):  # 2 prompts, 3 KV heads, 5 prefilled positions, head dim 4
+        states = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+        cache.update(*states, layer)
+        reference.update(*states, layer)
+    reference.batch_repeat_interleave(2)
+    preallocate(cache, 2, new_tokens=3)
+    pointers = [layer.keys.data_ptr() for layer in cache.layers]
+    for _ in range(3):
+        for layer in range(2):
+            new = torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4)
+            got, want = cache.update(*new, layer), reference.update(*new, layer)
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert cache.get_seq_length() == reference.get_seq_length() == 8
+    assert [layer.keys.data_ptr() for layer in cache.layers] == pointers
 
 
 def test_greedy_is_deterministic_and_grouped_by_prompt(policy):
