@@ -118,34 +118,32 @@ class PreallocatedLayer(DynamicLayer):
     """A `DynamicLayer` whose keys / values `[R, Hkv, S, D]` are views of buffers `[R, Hkv, capacity, D]` allocated
     once: `update` writes the new positions in place where `DynamicLayer` concatenates (a new allocation and a copy of
     the whole cache per layer per step; SmolLM2 on a CPU decodes 1.08-1.24x faster without them). Same values, so
-    the same attention. Only what decoding uses is kept consistent (`update`, the length), not `crop` and the like."""
+    the same attention. Only what decoding uses is kept consistent (`update` and the views), not `crop` and the like."""
 
     def __init__(self, keys: Tensor, values: Tensor, capacity: int) -> None:
         super().__init__()
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self.buffers = [x.new_empty((*x.shape[:2], capacity, x.shape[3])) for x in (keys, values)]
-        self.length = 0
+        self.keys, self.values = (b[:, :, :0] for b in self.buffers)
         self.update(keys, values)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        end = self.length + key_states.shape[-2]
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
         for buffer, new in zip(self.buffers, (key_states, value_states)):
-            buffer[:, :, self.length : end] = new
-        self.length = end
+            buffer[:, :, start:end] = new
         self.keys, self.values = (b[:, :, :end] for b in self.buffers)
         return self.keys, self.values
 
 
 def preallocate(cache: DynamicCache, repeats: int, new_tokens: int) -> None:
-    """Repeat a prefilled cache `repeats` times per row (row b -> rows b·repeats .. b·repeats+repeats-1); its full
-    attention layers become `PreallocatedLayer`s with room for `new_tokens` more positions (other layers, e.g.
-    sliding-window ones, keep their own update)."""
+    """Repeat a prefilled cache `repeats` times per row (`batch_repeat_interleave`: row b -> rows b·repeats ..
+    b·repeats+repeats-1), then move its full-attention layers into `PreallocatedLayer`s with room for `new_tokens`
+    more positions (other layers, e.g. sliding-window ones, keep their own update)."""
+    cache.batch_repeat_interleave(repeats)
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:
-            keys, values = (x.repeat_interleave(repeats, dim=0) for x in (layer.keys, layer.values))
-            cache.layers[i] = PreallocatedLayer(keys, values, keys.shape[-2] + new_tokens)
-        else:
-            layer.batch_repeat_interleave(repeats)
+            cache.layers[i] = PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + new_tokens)
 
 
 class MarkerStop(StoppingCriteria):
