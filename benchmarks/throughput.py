@@ -8,6 +8,8 @@ fast bf16):
   prompt batches B up to B x G = 64, against the decode roofline: each decode step reads every weight once and does
   2 FLOPs per weight per sequence, so tokens/s <= min(B x G x bandwidth / weight bytes, peak FLOP/s / (2 x params));
 - prefill tokens/s (one forward over B prompts) against the FLOP bound peak / (2 x params);
+- items/s of encoding a batch of catalogue item prompts, each row run in full vs their shared first tokens run once
+  (`Policy.encode`);
 - forward + backward of B x G rollouts as G joined sequences per prompt vs each prompt run once with its G
   completions (the training path), on the same completions;
 - samples/s of a GRPOModule `training_step` (G rollouts, rewards, backward, optimizer step) per dtype and engine
@@ -50,7 +52,7 @@ from datamodules import RecDataModule
 from lightning_modules import GRPOModule, ScoringModule
 from lightning_modules.grpo import OptimConfig
 from minirec.io import ConfigError, atomic_write_json, atomic_write_text
-from minirec.policy import Policy, PolicyConfig, auto_dtype
+from minirec.policy import Policy, PolicyConfig, auto_dtype, shared_prefix
 from minirec.processing import ProcessingConfig
 from minirec.prompts import PromptConfig
 from minirec.recpo import SamplingConfig, sample_rollouts
@@ -59,7 +61,9 @@ from minirec.vllm_engine import VLLMEngine
 COLUMNS = ("model", "dtype", "engine", "measure", "batch", "group", "max_new_tokens", "runs", "seconds", "tokens",
            "tokens_per_s", "samples_per_s", "bound_tokens_per_s", "share_of_bound", "time_generate_s",
            "time_score_s", "time_update_s", "time_refresh_s")  # fmt: skip
-TOKEN_MEASURES = ("rollout", "prefill", "fwd+bwd joined", "fwd+bwd prefix-shared")  # rows of the tokens/s table
+TOKEN_MEASURES = ("rollout", "prefill", "item encode full", "item encode prefix-shared", "fwd+bwd joined",
+                  "fwd+bwd prefix-shared")  # rows of the tokens/s table
+ITEM_BATCH = 64  # item prompts per catalogue-encoding batch (the quickstart's `item_batch_size`)
 BREAKDOWN = ("time_generate_s", "time_score_s", "time_update_s", "time_refresh_s")  # logged by GRPOModule
 PROCESSING = ProcessingConfig(dataset="movielens-100k", time_window=None, require_price=False, k_core=50)
 PROMPTS = PromptConfig(category="movies", item="movie", item_plural="movies", prompt_window=5, max_item_tokens=96)
@@ -185,8 +189,8 @@ def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dic
     policy.model.to(plan.device)
     params, weight_bytes = _weights(policy)
     flop_bound = bounds[f"gflops_{dtype}"] * 1e9 / (2 * params)  # tokens/s
-    batch = next(iter(_datamodule(model, cache, max(plan.rollout_batches), max(plan.rollout_batches))
-                      .predict_dataloader()))
+    dm = _datamodule(model, cache, max(plan.rollout_batches), max(plan.rollout_batches))
+    batch = next(iter(dm.predict_dataloader()))
     batch = {k: v.to(plan.device) for k, v in batch.items()}
     common = {"model": model, "dtype": dtype, "engine": "hf", "group": plan.group,
               "max_new_tokens": plan.max_new_tokens}
@@ -219,7 +223,29 @@ def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dic
                      "runs": plan.repeats, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                      "samples_per_s": ids.shape[0] / seconds,
                      "bound_tokens_per_s": flop_bound, "share_of_bound": tokens / seconds / flop_bound})
+        rows += measure_item_encoding(policy, dm, plan, common, flop_bound)
     return rows + measure_train_forward(policy, batch, plan, common, flop_bound / 2)
+
+
+def measure_item_encoding(policy: Policy, dm: RecDataModule, plan: Plan, common: dict[str, Any],
+                          bound: float) -> list[dict[str, Any]]:
+    """Items/s of encoding one catalogue batch (the first `ITEM_BATCH` item prompts, padded to the longest): the
+    full forward of every row against `Policy.encode`, which runs the rows' shared first tokens once; tokens = tokens
+    run, against the FLOP bound."""
+    ids, mask = dm.item_prompt_batch(list(range(1, min(ITEM_BATCH, dm.num_items) + 1)))
+    ids, mask = ids.to(plan.device), mask.to(plan.device)
+    _, lengths, prefix = shared_prefix(ids, mask)
+    rows = []
+    for measure, encode, tokens in (
+        ("item encode full", lambda: policy.forward_sequences(ids, mask)[1], int(lengths.sum())),
+        ("item encode prefix-shared", lambda: policy.encode(ids, mask), int(lengths.sum() - prefix * (len(ids) - 1))),
+    ):
+        seconds = _best_seconds(encode, plan.repeats)
+        rows.append({**common, "group": float("nan"), "measure": measure, "batch": len(ids), "runs": plan.repeats,
+                     "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                     "samples_per_s": len(ids) / seconds, "bound_tokens_per_s": bound,
+                     "share_of_bound": tokens / seconds / bound})
+    return rows
 
 
 def measure_train_forward(policy: Policy, batch: dict[str, torch.Tensor], plan: Plan, common: dict[str, Any],
@@ -362,7 +388,9 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dic
         "Decode bound: each step reads every weight once (bandwidth) and does 2 FLOPs per weight per sequence; "
         "prefill bound: peak FLOP/s / (2 x params); forward + backward (LoRA gradients, frozen base): peak FLOP/s / "
         "(4 x params) per token run. `joined` runs G prompt + completion sequences per prompt, `prefix-shared` each "
-        "prompt once with its G completions (the training path); tokens = tokens run.", "",
+        "prompt once with its G completions (the training path); `item encode` encodes a batch of "
+        f"{ITEM_BATCH} catalogue item prompts (prompts B = items), `full` running every row, `prefix-shared` the "
+        "rows' shared first tokens once (`Policy.encode`); tokens = tokens run.", "",
         markdown_table([r for r in rows if r["measure"] in TOKEN_MEASURES], {
             "model": "model", "dtype": "dtype", "engine": "engine", "measure": "measure", "batch": "prompts B",
             "group": "G",

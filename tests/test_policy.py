@@ -310,6 +310,38 @@ def test_logprobs_match_full_log_softmax_and_embedding_is_final_norm_state(arch)
     assert torch.allclose(normed[0][:, -1], emb)
 
 
+@pytest.mark.parametrize("arch, attn", [("qwen2", "sdpa"), ("llama", "eager"), ("gemma2", "eager")])
+def test_encode_runs_the_shared_prefix_once(arch, attn):
+    """In eval mode without gradient, `encode` runs the first tokens all rows share once (here the chat template's
+    system prompt, before the rows differ) and the rest of each row after them: the embeddings of the full forward,
+    for rows of different lengths. Rows that share nothing, and encoding with gradient, run the full forward."""
+    policy = Policy(PolicyConfig(f"tiny-random-{arch}", attn_implementation=attn))
+    randomize_lora(policy)
+    ids, mask = prompts(policy, TEXTS + ["Hi"])
+    lengths = mask.sum(1).tolist()
+    shapes = []
+    hook = policy.model.get_base_model().get_input_embeddings().register_forward_hook(
+        lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    try:
+        with torch.no_grad():
+            full = policy.forward_sequences(ids, mask)[1]
+            shapes.clear()
+            shared = policy.encode(ids, mask)
+            prefix = shapes[0][1]
+            assert shapes == [(1, prefix), (3, max(lengths) - prefix)] and 0 < prefix < min(lengths)
+            assert torch.allclose(shared, full, atol=1e-5)
+            nothing_shared = mask.clone()
+            nothing_shared[0, -lengths[0]] = 0  # row 0 now starts one token later than the others
+            shapes.clear()
+            assert torch.allclose(policy.encode(ids, nothing_shared), policy.forward_sequences(ids, nothing_shared)[1])
+            assert shapes == [ids.shape] * 2
+        shapes.clear()
+        assert torch.allclose(policy.encode(ids, mask), full, atol=1e-5)
+        assert shapes == [ids.shape]
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_grouped_forward_equals_the_joined_rows_with_gradient(arch, checkpointing):
