@@ -223,22 +223,27 @@ def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dic
                      "runs": plan.repeats, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                      "samples_per_s": ids.shape[0] / seconds,
                      "bound_tokens_per_s": flop_bound, "share_of_bound": tokens / seconds / flop_bound})
-        rows += measure_item_encoding(policy, dm, plan, common, flop_bound)
+        rows += measure_item_encoding(policy, dm, plan, common, bounds[f"gflops_{dtype}"])
     return rows + measure_train_forward(policy, batch, plan, common, flop_bound / 2)
 
 
 def measure_item_encoding(policy: Policy, dm: RecDataModule, plan: Plan, common: dict[str, Any],
-                          bound: float) -> list[dict[str, Any]]:
+                          gflops: float) -> list[dict[str, Any]]:
     """Items/s of encoding one catalogue batch (the first `ITEM_BATCH` item prompts, padded to the longest): the
-    full forward of every row against `Policy.encode`, which runs the rows' shared first tokens once; tokens = tokens
-    run, against the FLOP bound."""
+    full forward of every row against `Policy.encode`, which runs the rows' shared first tokens once. Tokens = tokens
+    run (padding included); bound: peak FLOP/s / (2 x the decoder's matmul parameters): an embedding has no LM head
+    and its input embedding is a lookup."""
     ids, mask = dm.item_prompt_batch(list(range(1, min(ITEM_BATCH, dm.num_items) + 1)))
     ids, mask = ids.to(plan.device), mask.to(plan.device)
     _, lengths, prefix = shared_prefix(ids, mask)
+    decoder = policy.model.get_base_model().get_decoder()
+    params = sum(p.numel() for p in decoder.parameters()) - decoder.get_input_embeddings().weight.numel()
+    bound = gflops * 1e9 / (2 * params)
+    shared_tokens = prefix + len(ids) * (int(lengths.max()) - prefix)  # the prefix once, each row's rest padded
     rows = []
     for measure, encode, tokens in (
-        ("item encode full", lambda: policy.forward_sequences(ids, mask)[1], int(lengths.sum())),
-        ("item encode prefix-shared", lambda: policy.encode(ids, mask), int(lengths.sum() - prefix * (len(ids) - 1))),
+        ("item encode full", lambda: policy.forward_sequences(ids, mask)[1], ids.numel()),
+        ("item encode prefix-shared", lambda: policy.encode(ids, mask), shared_tokens),
     ):
         seconds = _best_seconds(encode, plan.repeats)
         rows.append({**common, "group": float("nan"), "measure": measure, "batch": len(ids), "runs": plan.repeats,
@@ -390,7 +395,8 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dic
         "(4 x params) per token run. `joined` runs G prompt + completion sequences per prompt, `prefix-shared` each "
         "prompt once with its G completions (the training path); `item encode` encodes a batch of "
         f"{ITEM_BATCH} catalogue item prompts (prompts B = items), `full` running every row, `prefix-shared` the "
-        "rows' shared first tokens once (`Policy.encode`); tokens = tokens run.", "",
+        "rows' shared first tokens once (`Policy.encode`), against peak FLOP/s / (2 x the decoder's matmul parameters) "
+        "(no LM head); tokens = tokens run, padding included.", "",
         markdown_table([r for r in rows if r["measure"] in TOKEN_MEASURES], {
             "model": "model", "dtype": "dtype", "engine": "engine", "measure": "measure", "batch": "prompts B",
             "group": "G",
