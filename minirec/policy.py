@@ -479,9 +479,11 @@ class Policy(torch.nn.Module):
         """Embeddings `[R, H]` of left-padded sequences `[R, S]` (users after reasoning, or items). In eval mode without
         gradient, the tokens every row starts with (a chat template's system prompt and instruction: 42 of the 74
         tokens of a SmolLM2 MovieLens item prompt) run once and their KV cache serves all rows (`_encode_after_prefix`);
-        not under ZeRO-3, whose ranks must run the same forward passes."""
+        not under ZeRO-3, whose ranks must run the same forward passes. Input that is not left-padded goes to
+        `forward_sequences`, which refuses it."""
         partitioned = hasattr(self.model.get_base_model().get_input_embeddings().weight, "ds_id")
-        if input_ids.shape[0] > 1 and not (torch.is_grad_enabled() or self.model.training or partitioned):
+        shareable = input_ids.shape[0] > 1 and bool(attention_mask[:, -1].all())  # several left-padded rows
+        if shareable and not (torch.is_grad_enabled() or self.model.training or partitioned):
             aligned, lengths, prefix = shared_prefix(input_ids, attention_mask)
             if prefix > 0:
                 return self._encode_after_prefix(aligned, lengths, prefix)
@@ -495,7 +497,8 @@ class Policy(torch.nn.Module):
         decoder = self.model.get_base_model().get_decoder()
         rows, width = aligned.shape[0], int(lengths.max())
         positions = torch.arange(width, device=aligned.device)[None]
-        cache = decoder(input_ids=aligned[:1, :prefix], position_ids=positions[:, :prefix], use_cache=True).past_key_values
+        cache = decoder(input_ids=aligned[:1, :prefix], position_ids=positions[:, :prefix],
+                        use_cache=True).past_key_values
         cache.batch_repeat_interleave(rows)
         mask = (positions < lengths[:, None]).long()  # [R, width]: right padding
         hidden = decoder(input_ids=aligned[:, prefix:width], attention_mask=mask, past_key_values=cache,

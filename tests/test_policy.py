@@ -335,6 +335,8 @@ def test_encode_runs_the_shared_prefix_once(arch, attn):
             shapes.clear()
             assert torch.allclose(policy.encode(ids, nothing_shared), policy.forward_sequences(ids, nothing_shared)[1])
             assert shapes == [ids.shape] * 2
+            with pytest.raises(DataError, match="left-padded"):  # as the full forward refuses it
+                policy.encode(ids.flip(1), mask.flip(1))
         shapes.clear()
         assert torch.allclose(policy.encode(ids, mask), full, atol=1e-5)
         assert shapes == [ids.shape]
