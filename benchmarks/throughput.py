@@ -61,9 +61,10 @@ from minirec.vllm_engine import VLLMEngine
 COLUMNS = ("model", "dtype", "engine", "measure", "batch", "group", "max_new_tokens", "runs", "seconds", "tokens",
            "tokens_per_s", "samples_per_s", "bound_tokens_per_s", "share_of_bound", "time_generate_s",
            "time_score_s", "time_update_s", "time_refresh_s")  # fmt: skip
-TOKEN_MEASURES = ("rollout", "prefill", "item encode full", "item encode prefix-shared", "fwd+bwd joined",
-                  "fwd+bwd prefix-shared")  # rows of the tokens/s table
+TOKEN_MEASURES = ("rollout", "prefill", "item encode full", "item encode prefix-shared", "item encode+bwd full",
+                  "item encode+bwd prefix-shared", "fwd+bwd joined", "fwd+bwd prefix-shared")  # the tokens/s table
 ITEM_BATCH = 64  # item prompts per catalogue-encoding batch (the quickstart's `item_batch_size`)
+REC_ITEMS = 18  # items a quickstart rec loss encodes with gradient (2 targets + 16 sampled negatives)
 BREAKDOWN = ("time_generate_s", "time_score_s", "time_update_s", "time_refresh_s")  # logged by GRPOModule
 PROCESSING = ProcessingConfig(dataset="movielens-100k", time_window=None, require_price=False, k_core=50)
 PROMPTS = PromptConfig(category="movies", item="movie", item_plural="movies", prompt_window=5, max_item_tokens=96)
@@ -223,33 +224,46 @@ def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dic
                      "runs": plan.repeats, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                      "samples_per_s": ids.shape[0] / seconds,
                      "bound_tokens_per_s": flop_bound, "share_of_bound": tokens / seconds / flop_bound})
-        rows += measure_item_encoding(policy, dm, plan, common, bounds[f"gflops_{dtype}"])
+    rows += measure_item_encoding(policy, dm, plan, common, bounds[f"gflops_{dtype}"])
     return rows + measure_train_forward(policy, batch, plan, common, flop_bound / 2)
 
 
 def measure_item_encoding(policy: Policy, dm: RecDataModule, plan: Plan, common: dict[str, Any],
                           gflops: float) -> list[dict[str, Any]]:
-    """Items/s of encoding one catalogue batch (the first `ITEM_BATCH` item prompts, padded to the longest): the
-    full forward of every row against `Policy.encode`, which runs the rows' shared first tokens once. Tokens = tokens
-    run (padding included); bound: peak FLOP/s / (2 x the decoder's matmul parameters): an embedding has no LM head
-    and its input embedding is a lookup."""
-    ids, mask = dm.item_prompt_batch(list(range(1, min(ITEM_BATCH, dm.num_items) + 1)))
-    ids, mask = ids.to(plan.device), mask.to(plan.device)
-    _, lengths, prefix = shared_prefix(ids, mask)
+    """Items/s of encoding item prompts (padded to the longest) with the full forward of every row against
+    `Policy.encode`, which runs the rows' shared first tokens once: a catalogue batch (the first `ITEM_BATCH` items,
+    no gradient) and the items of one rec loss (the first `REC_ITEMS`, forward + backward to the LoRA weights, in
+    training mode). Tokens = tokens run (padding included); bound: peak FLOP/s / (2 x the decoder's matmul
+    parameters), with backward / (4 x them) (the frozen base's backward computes activation gradients only): an
+    embedding has no LM head and its input embedding is a lookup."""
     decoder = policy.model.get_base_model().get_decoder()
     params = sum(p.numel() for p in decoder.parameters()) - decoder.get_input_embeddings().weight.numel()
-    bound = gflops * 1e9 / (2 * params)
-    shared_tokens = prefix + len(ids) * (int(lengths.max()) - prefix)  # the prefix once, each row's rest padded
     rows = []
-    for measure, encode, tokens in (
-        ("item encode full", lambda: policy.forward_sequences(ids, mask)[1], ids.numel()),
-        ("item encode prefix-shared", lambda: policy.encode(ids, mask), shared_tokens),
-    ):
-        seconds = _best_seconds(encode, plan.repeats)
-        rows.append({**common, "group": float("nan"), "measure": measure, "batch": len(ids), "runs": plan.repeats,
-                     "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                     "samples_per_s": len(ids) / seconds, "bound_tokens_per_s": bound,
-                     "share_of_bound": tokens / seconds / bound})
+    for label, items, grad in (("item encode", ITEM_BATCH, False), ("item encode+bwd", REC_ITEMS, True)):
+        ids, mask = dm.item_prompt_batch(list(range(1, min(items, dm.num_items) + 1)))
+        ids, mask = ids.to(plan.device), mask.to(plan.device)
+        _, lengths, prefix = shared_prefix(ids, mask)
+        shared_tokens = prefix + len(ids) * (int(lengths.max()) - prefix)  # the prefix once, each row's rest padded
+        bound = gflops * 1e9 / ((4 if grad else 2) * params)
+
+        def run(encode) -> None:
+            with torch.set_grad_enabled(grad):
+                emb = encode()
+                if grad:
+                    emb.sum().backward()
+                    policy.model.zero_grad(set_to_none=True)
+
+        policy.train(grad)
+        for kind, encode, tokens in (
+            ("full", lambda: policy.forward_sequences(ids, mask)[1], ids.numel()),
+            ("prefix-shared", lambda: policy.encode(ids, mask), shared_tokens),
+        ):
+            seconds = _best_seconds(lambda: run(encode), plan.repeats)
+            rows.append({**common, "group": float("nan"), "measure": f"{label} {kind}", "batch": len(ids),
+                         "runs": plan.repeats, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                         "samples_per_s": len(ids) / seconds, "bound_tokens_per_s": bound,
+                         "share_of_bound": tokens / seconds / bound})
+    policy.eval()
     return rows
 
 
@@ -396,7 +410,9 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dic
         "prompt once with its G completions (the training path); `item encode` encodes a batch of "
         f"{ITEM_BATCH} catalogue item prompts (prompts B = items), `full` running every row, `prefix-shared` the "
         "rows' shared first tokens once (`Policy.encode`), against peak FLOP/s / (2 x the decoder's matmul parameters) "
-        "(no LM head); tokens = tokens run, padding included.", "",
+        f"(no LM head); `item encode+bwd` the same for the {REC_ITEMS} items of a quickstart rec loss (2 targets + 16 "
+        "sampled negatives) with backward to the LoRA weights in training mode, against / (4 x them); tokens = tokens "
+        "run, padding included.", "",
         markdown_table([r for r in rows if r["measure"] in TOKEN_MEASURES], {
             "model": "model", "dtype": "dtype", "engine": "engine", "measure": "measure", "batch": "prompts B",
             "group": "G",

@@ -476,24 +476,33 @@ class Policy(torch.nn.Module):
         return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Embeddings `[R, H]` of left-padded sequences `[R, S]` (users after reasoning, or items). In eval mode without
-        gradient, the tokens every row starts with (a chat template's system prompt and instruction: 42 of the 74
-        tokens of a SmolLM2 MovieLens item prompt) run once and their KV cache serves all rows (`_encode_after_prefix`);
-        not under ZeRO-3, whose ranks must run the same forward passes. Input that is not left-padded goes to
-        `forward_sequences`, which refuses it."""
-        partitioned = hasattr(self.model.get_base_model().get_input_embeddings().weight, "ds_id")
+        """Embeddings `[R, H]` of left-padded sequences `[R, S]` (users after reasoning, or items). The tokens every row
+        starts with (a chat template's system prompt and instruction: 42 of the 74 tokens of a SmolLM2 MovieLens item
+        prompt) run once and their KV cache serves all rows (`_encode_after_prefix`), with or without gradient; not
+        while dropout is active (each row's prefix would then share one dropout mask), with gradient checkpointing in
+        training mode (transformers then drops the cache) or under ZeRO-3 (whose ranks must run the same forward
+        passes). Input that is not left-padded goes to `forward_sequences`, which refuses it."""
+        base = self.model.get_base_model()
+        partitioned = hasattr(base.get_input_embeddings().weight, "ds_id")
         shareable = input_ids.shape[0] > 1 and bool(attention_mask[:, -1].all())  # several left-padded rows
-        if shareable and not (torch.is_grad_enabled() or self.model.training or partitioned):
+        if shareable and not (partitioned or (self.model.training and (self.config.gradient_checkpointing
+                                                                       or self._dropout_active()))):
             aligned, lengths, prefix = shared_prefix(input_ids, attention_mask)
             if prefix > 0:
                 return self._encode_after_prefix(aligned, lengths, prefix)
         return self.forward_sequences(input_ids, attention_mask)[1]
 
+    def _dropout_active(self) -> bool:
+        """Whether a forward pass in training mode draws dropout (LoRA or the model's own, probability above 0)."""
+        return getattr(self.model.get_base_model().config, "attention_dropout", 0.0) > 0 or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules())
+
     def _encode_after_prefix(self, aligned: Tensor, lengths: Tensor, prefix: int) -> Tensor:
         """Embeddings `[R, H]` of the right-padded rows `aligned` `[R, S]` (real lengths `[R]`) whose first `prefix`
         tokens are the same: those run once (1 row), their KV cache is repeated for the R rows, and the rest of each
         row runs after it at positions `prefix`, `prefix` + 1, ... The same numbers as the full forward up to float
-        rounding (the prefix's keys and values do not depend on what follows them)."""
+        rounding (the prefix's keys and values do not depend on what follows them); with gradient, each row's gradient
+        reaches the prefix through the repeated cache."""
         decoder = self.model.get_base_model().get_decoder()
         rows, width = aligned.shape[0], int(lengths.max())
         positions = torch.arange(width, device=aligned.device)[None]

@@ -34,8 +34,12 @@ def test_quick_run(bench, tmp_path: Path) -> None:
             assert float(r["share_of_bound"]) == pytest.approx(share, rel=1e-6)
     bounds = [float(r["bound_tokens_per_s"]) for r in rollouts]
     assert bounds == sorted(bounds)  # more sequences per decode step: a higher (or the FLOP-capped) bound
-    joined, shared = ({r["measure"]: r for r in rows}[f"fwd+bwd {m}"] for m in ("joined", "prefix-shared"))
-    assert joined["batch"] == shared["batch"] and float(shared["tokens"]) < float(joined["tokens"])  # prompt once
+    by_measure = {r["measure"]: r for r in rows}
+    for full, part in (("fwd+bwd joined", "fwd+bwd prefix-shared"), ("item encode full", "item encode prefix-shared"),
+                       ("item encode+bwd full", "item encode+bwd prefix-shared")):  # the shared tokens run once
+        assert by_measure[full]["batch"] == by_measure[part]["batch"]
+        assert float(by_measure[part]["tokens"]) < float(by_measure[full]["tokens"])
+    assert int(by_measure["item encode+bwd full"]["batch"]) == bench.REC_ITEMS
     steps = {r["measure"]: r for r in rows if r["measure"] not in bench.TOKEN_MEASURES}
     assert set(steps) == {"scoring (hidden)", "scoring (lora)", "training step"}
     for r in steps.values():

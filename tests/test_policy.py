@@ -3,6 +3,9 @@ embeddings, LoRA state and adapters, double backward. Tiny random models from th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from peft import PeftModel
@@ -300,46 +303,84 @@ def test_logprobs_match_full_log_softmax_and_embedding_is_final_norm_state(arch)
     assert (logps[~comp] == 0).all() and (logps[comp] < 0).all()
     assert emb.shape == (2, policy.hidden_size)
     assert torch.allclose(emb, out.hidden_states[-1][:, -1], atol=1e-6)
-    # ... and both are the output of the final norm at the last token.
+    # ... and both are the output of the final norm at the last token; `encode` gives the same embeddings.
     normed = []
     hook = policy.model.get_base_model().get_decoder().norm.register_forward_hook(lambda m, i, o: normed.append(o))
     try:
-        assert torch.allclose(policy.encode(ids, mask), emb)
+        policy.forward_sequences(ids, mask)
     finally:
         hook.remove()
     assert torch.allclose(normed[0][:, -1], emb)
+    assert torch.allclose(policy.encode(ids, mask), emb, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch, attn", [("qwen2", "sdpa"), ("llama", "eager"), ("gemma2", "eager")])
 def test_encode_runs_the_shared_prefix_once(arch, attn):
     """In eval mode without gradient, `encode` runs the first tokens all rows share once (here the chat template's
     system prompt, before the rows differ) and the rest of each row after them: the embeddings of the full forward,
-    for rows of different lengths. Rows that share nothing, and encoding with gradient, run the full forward."""
+    for rows of different lengths. Rows that share nothing run the full forward."""
     policy = Policy(PolicyConfig(f"tiny-random-{arch}", attn_implementation=attn))
     randomize_lora(policy)
     ids, mask = prompts(policy, TEXTS + ["Hi"])
     lengths = mask.sum(1).tolist()
-    shapes = []
+    with torch.no_grad(), embedding_inputs(policy) as shapes:
+        full = policy.forward_sequences(ids, mask)[1]
+        shapes.clear()
+        shared = policy.encode(ids, mask)
+        prefix = shapes[0][1]
+        assert shapes == [(1, prefix), (3, max(lengths) - prefix)] and 0 < prefix < min(lengths)
+        assert torch.allclose(shared, full, atol=1e-5)
+        nothing_shared = mask.clone()
+        nothing_shared[0, -lengths[0]] = 0  # row 0 now starts one token later than the others
+        shapes.clear()
+        assert torch.allclose(policy.encode(ids, nothing_shared), policy.forward_sequences(ids, nothing_shared)[1])
+        assert shapes == [ids.shape] * 2
+        with pytest.raises(DataError, match="left-padded"):  # as the full forward refuses it
+            policy.encode(ids.flip(1), mask.flip(1))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
+def test_encode_with_gradient_shares_the_prefix_unless_dropout_or_checkpointing(arch):
+    """In training mode with gradient (the items of the rec loss), the shared prefix runs once and the embeddings and
+    LoRA gradient equal the full forward's; with LoRA dropout (each row's own dropout mask) or gradient checkpointing
+    (transformers drops the cache) in training mode, `encode` runs the full forward."""
+    policy = Policy(PolicyConfig(f"tiny-random-{arch}", attn_implementation="eager", lora_dropout=0.0))
+    randomize_lora(policy)
+    policy.train()
+    ids, mask = prompts(policy, TEXTS + ["Hi"])
+    params = [p for p in policy.parameters() if p.requires_grad]
+
+    def run(forward):
+        emb = forward()
+        return emb.detach(), torch.autograd.grad(emb.pow(2).sum() + emb.sum(), params)
+
+    with embedding_inputs(policy) as shapes:
+        emb_s, grad_s = run(lambda: policy.encode(ids, mask))
+        assert len(shapes) == 2 and shapes[0][0] == 1  # the prefix once, then the rest of every row
+        emb_f, grad_f = run(lambda: policy.forward_sequences(ids, mask)[1])
+        assert torch.allclose(emb_s, emb_f, atol=1e-5)
+        assert all((a - b).abs().max() <= 1e-4 * b.abs().max() for a, b in zip(grad_s, grad_f))
+    for config in (dict(lora_dropout=0.1), dict(gradient_checkpointing=True)):
+        other = Policy(PolicyConfig(f"tiny-random-{arch}", attn_implementation="eager", **{"lora_dropout": 0.0,
+                                                                                           **config}))
+        other.train()
+        with embedding_inputs(other) as shapes:
+            other.encode(ids, mask).sum().backward()
+            assert shapes == [ids.shape], config
+        other.eval()
+        with embedding_inputs(other) as shapes:
+            other.encode(ids, mask)
+            assert len(shapes) == 2, config  # eval mode: no dropout, checkpointing off, the prefix is shared
+
+
+@contextmanager
+def embedding_inputs(policy: Policy) -> Iterator[list[tuple[int, ...]]]:
+    """The shapes `[R, S]` of the token ids each forward pass of `policy` runs, in order, while the block runs."""
+    shapes: list[tuple[int, ...]] = []
     hook = policy.model.get_base_model().get_input_embeddings().register_forward_hook(
         lambda m, i, o: shapes.append(tuple(i[0].shape)))
     try:
-        with torch.no_grad():
-            full = policy.forward_sequences(ids, mask)[1]
-            shapes.clear()
-            shared = policy.encode(ids, mask)
-            prefix = shapes[0][1]
-            assert shapes == [(1, prefix), (3, max(lengths) - prefix)] and 0 < prefix < min(lengths)
-            assert torch.allclose(shared, full, atol=1e-5)
-            nothing_shared = mask.clone()
-            nothing_shared[0, -lengths[0]] = 0  # row 0 now starts one token later than the others
-            shapes.clear()
-            assert torch.allclose(policy.encode(ids, nothing_shared), policy.forward_sequences(ids, nothing_shared)[1])
-            assert shapes == [ids.shape] * 2
-            with pytest.raises(DataError, match="left-padded"):  # as the full forward refuses it
-                policy.encode(ids.flip(1), mask.flip(1))
-        shapes.clear()
-        assert torch.allclose(policy.encode(ids, mask), full, atol=1e-5)
-        assert shapes == [ids.shape]
+        yield shapes
     finally:
         hook.remove()
 
