@@ -131,10 +131,9 @@ class PolicyModule(L.LightningModule):
 
     @torch.no_grad()
     def user_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Greedy reasoning then encoding: user embeddings [B, H] and the user sequences (ids, mask [B, S])."""
-        comp, comp_mask = self.policy.generate(
-            batch["prompt_ids"], batch["prompt_mask"], num_samples=1, do_sample=False,
-            max_new_tokens=self.eval_max_new_tokens,
-        )
+        """Greedy reasoning then encoding (each prompt run once: `Policy.reason_and_encode`): user embeddings [B, H]
+        and the user sequences (ids, mask [B, S])."""
+        emb, comp, comp_mask = self.policy.reason_and_encode(batch["prompt_ids"], batch["prompt_mask"],
+                                                             self.eval_max_new_tokens)
         seq, mask, _ = self.policy.join(batch["prompt_ids"], batch["prompt_mask"], comp, comp_mask)
-        return self.policy.encode(seq, mask).float(), seq, mask
+        return emb.float(), seq, mask

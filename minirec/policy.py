@@ -14,6 +14,7 @@ their gradients and optimizer state stay float32, and log-probs / embeddings com
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import contextmanager
@@ -287,22 +288,53 @@ class Policy(torch.nn.Module):
         times). Runs in eval mode (no dropout) with the adapter merged (`merged_adapter`) and restores both; seed with
         `torch.manual_seed` for reproducible samples.
         """
-        pad = self.tokenizer.pad_token_id
-        stop_ids = self.stop_ids
         with eval_mode(self), self.merged_adapter():
             if do_sample:
                 out = self._sample(input_ids, attention_mask, num_samples, temperature, top_k, top_p, max_new_tokens)
             else:
-                config = GenerationConfig(
-                    do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stop_ids),
-                    bos_token_id=self.tokenizer.bos_token_id, use_cache=True,
-                    repetition_penalty=1.0,  # a hub generation_config's penalty would otherwise apply
-                )
-                stop = MarkerStop(self.tokenizer, self.answer_marker, input_ids.shape[1])
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                          stopping_criteria=StoppingCriteriaList([stop]))
-                out = out.repeat_interleave(num_samples, dim=0)
+                out = self._greedy(input_ids, attention_mask, max_new_tokens).repeat_interleave(num_samples, dim=0)
         return self.completions(out[:, input_ids.shape[1] :].tolist(), input_ids.device)
+
+    def _greedy(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                cache: DynamicCache | None = None) -> Tensor:
+        """HF greedy `generate` of left-padded prompts `[B, P]` -> prompts + reasoning `[B, P + T]`, stopping at an
+        EOS token or the marker (`MarkerStop`); `cache` may hold the prompts' first tokens (generate runs the rest)."""
+        stop = MarkerStop(self.tokenizer, self.answer_marker, input_ids.shape[1])
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.stop_ids), bos_token_id=self.tokenizer.bos_token_id, use_cache=True,
+            repetition_penalty=1.0,  # a hub generation_config's penalty would otherwise apply
+        )
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                   stopping_criteria=StoppingCriteriaList([stop]), past_key_values=cache)
+
+    @torch.no_grad()
+    def reason_and_encode(self, input_ids: Tensor, attention_mask: Tensor,
+                          max_new_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Greedy reasoning and the user embeddings after it, for left-padded prompts `[B, P]`: what `generate(...,
+        do_sample=False)` then `encode` of the joined rows give (up to float rounding), with each prompt run once.
+        The KV cache of all but the prompts' last token (eval mode, adapter unmerged, as `encode` runs) serves the
+        greedy decoding (on a copy; adapter merged, as `generate` runs) and then the embedding pass, which runs only
+        each row's last prompt token and completion after it. Under ZeRO-3, or for a prompt of one token, it runs
+        `generate` and `encode`. Returns (embeddings `[B, H]` at least fp32, completion_ids, completion_mask `[B, T]`).
+        """
+        decoder = self.model.get_base_model().get_decoder()
+        if hasattr(decoder.get_input_embeddings().weight, "ds_id") or not bool(attention_mask[:, -2:].all()):
+            comp, comp_mask = self.generate(input_ids, attention_mask, do_sample=False, max_new_tokens=max_new_tokens)
+            return self.encode(*self.join(input_ids, attention_mask, comp, comp_mask)[:2]), comp, comp_mask
+        positions = left_padded_positions(attention_mask)
+        with eval_mode(self):
+            cache = decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                            position_ids=positions[:, :-1], use_cache=True).past_key_values
+            with self.merged_adapter():
+                out = self._greedy(input_ids, attention_mask, max_new_tokens, copy.deepcopy(cache))
+            comp, comp_mask = self.completions(out[:, input_ids.shape[1] :].tolist(), input_ids.device)
+            rest = torch.cat([input_ids[:, -1:], comp], dim=1)  # [B, 1 + T]: the last prompt token, the completion
+            rest_positions = positions[:, -1:] + torch.arange(rest.shape[1], device=rest.device)
+            hidden = decoder(input_ids=rest, attention_mask=torch.cat([attention_mask, comp_mask], dim=1),
+                             position_ids=rest_positions, past_key_values=cache, use_cache=True).last_hidden_state
+        last = comp_mask.sum(1)  # the last completion token's column in `rest`
+        return _upcast(hidden[torch.arange(rest.shape[0], device=rest.device), last]), comp, comp_mask
 
     def completions(self, generated: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
         """Generated token lists (from any engine; padding and anything after an EOS or the first marker ignored) ->

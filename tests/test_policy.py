@@ -373,6 +373,25 @@ def test_encode_with_gradient_shares_the_prefix_unless_dropout_or_checkpointing(
             assert len(shapes) == 2, config  # eval mode: no dropout, checkpointing off, the prefix is shared
 
 
+@pytest.mark.parametrize("arch, attn", [("qwen2", "sdpa"), ("llama", "eager"), ("gemma2", "eager")])
+def test_reason_and_encode_runs_each_prompt_once(arch, attn):
+    """Greedy reasoning then the user embedding (validation, test, scoring) run each prompt once: its cache serves the
+    decoding and the embedding pass, which runs only the last prompt token and the completion. Same completions as
+    greedy `generate` and the embeddings `encode` gives the joined rows, for prompts of different lengths."""
+    policy = Policy(PolicyConfig(f"tiny-random-{arch}", attn_implementation=attn))
+    randomize_lora(policy)
+    ids, mask = prompts(policy, TEXTS + ["Hi"])
+    comp, cmask = policy.generate(ids, mask, do_sample=False, max_new_tokens=6)
+    with torch.no_grad():
+        expected = policy.encode(*policy.join(ids, mask, comp, cmask)[:2])
+    with embedding_inputs(policy) as shapes:
+        emb, comp2, cmask2 = policy.reason_and_encode(ids, mask, max_new_tokens=6)
+    assert torch.equal(comp2, comp) and torch.equal(cmask2, cmask)
+    assert torch.allclose(emb, expected, atol=1e-5)
+    assert shapes[0] == (3, ids.shape[1] - 1) and shapes[-1] == (3, 1 + comp.shape[1])  # the prompts, the rest
+    assert all(s == (3, 1) for s in shapes[1:-1])  # greedy decoding after the prompts' cache: one token per step
+
+
 @contextmanager
 def embedding_inputs(policy: Policy) -> Iterator[list[tuple[int, ...]]]:
     """The shapes `[R, S]` of the token ids each forward pass of `policy` runs, in order, while the block runs."""
