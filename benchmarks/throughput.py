@@ -62,9 +62,11 @@ COLUMNS = ("model", "dtype", "engine", "measure", "batch", "group", "max_new_tok
            "tokens_per_s", "samples_per_s", "bound_tokens_per_s", "share_of_bound", "time_generate_s",
            "time_score_s", "time_update_s", "time_refresh_s")  # fmt: skip
 TOKEN_MEASURES = ("rollout", "prefill", "item encode full", "item encode prefix-shared", "item encode+bwd full",
-                  "item encode+bwd prefix-shared", "fwd+bwd joined", "fwd+bwd prefix-shared")  # the tokens/s table
+                  "item encode+bwd prefix-shared", "reason+encode two passes", "reason+encode one prefill",
+                  "fwd+bwd joined", "fwd+bwd prefix-shared")  # the tokens/s table
 ITEM_BATCH = 64  # item prompts per catalogue-encoding batch (the quickstart's `item_batch_size`)
 REC_ITEMS = 18  # items a quickstart rec loss encodes with gradient (2 targets + 16 sampled negatives)
+EVAL_NEW_TOKENS = 8  # greedy reasoning tokens at evaluation (the quickstart's `eval_max_new_tokens`)
 BREAKDOWN = ("time_generate_s", "time_score_s", "time_update_s", "time_refresh_s")  # logged by GRPOModule
 PROCESSING = ProcessingConfig(dataset="movielens-100k", time_window=None, require_price=False, k_core=50)
 PROMPTS = PromptConfig(category="movies", item="movie", item_plural="movies", prompt_window=5, max_item_tokens=96)
@@ -224,27 +226,33 @@ def measure_rollouts(model: str, dtype: str, plan: Plan, cache: str, bounds: dic
                      "runs": plan.repeats, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                      "samples_per_s": ids.shape[0] / seconds,
                      "bound_tokens_per_s": flop_bound, "share_of_bound": tokens / seconds / flop_bound})
-    rows += measure_item_encoding(policy, dm, plan, common, bounds[f"gflops_{dtype}"])
+    decoder_bound = bounds[f"gflops_{dtype}"] * 1e9 / (2 * _decoder_params(policy))  # tokens/s without LM head
+    rows += measure_item_encoding(policy, dm, plan, common, decoder_bound)
+    rows += measure_evaluation(policy, batch, plan, common, decoder_bound)
     return rows + measure_train_forward(policy, batch, plan, common, flop_bound / 2)
 
 
+def _decoder_params(policy: Policy) -> int:
+    """The decoder's matmul parameters: what an embedding runs per token (no LM head; the input embedding is a
+    lookup)."""
+    decoder = policy.model.get_base_model().get_decoder()
+    return sum(p.numel() for p in decoder.parameters()) - decoder.get_input_embeddings().weight.numel()
+
+
 def measure_item_encoding(policy: Policy, dm: RecDataModule, plan: Plan, common: dict[str, Any],
-                          gflops: float) -> list[dict[str, Any]]:
+                          bound: float) -> list[dict[str, Any]]:
     """Items/s of encoding item prompts (padded to the longest) with the full forward of every row against
     `Policy.encode`, which runs the rows' shared first tokens once: a catalogue batch (the first `ITEM_BATCH` items,
     no gradient) and the items of one rec loss (the first `REC_ITEMS`, forward + backward to the LoRA weights, in
-    training mode). Tokens = tokens run (padding included); bound: peak FLOP/s / (2 x the decoder's matmul
-    parameters), with backward / (4 x them) (the frozen base's backward computes activation gradients only): an
-    embedding has no LM head and its input embedding is a lookup."""
-    decoder = policy.model.get_base_model().get_decoder()
-    params = sum(p.numel() for p in decoder.parameters()) - decoder.get_input_embeddings().weight.numel()
+    training mode). Tokens = tokens run (padding included); `bound`: tokens/s at peak FLOP/s / (2 x
+    `_decoder_params`), halved with backward (the frozen base's backward computes activation gradients only)."""
     rows = []
     for label, items, grad in (("item encode", ITEM_BATCH, False), ("item encode+bwd", REC_ITEMS, True)):
         ids, mask = dm.item_prompt_batch(list(range(1, min(items, dm.num_items) + 1)))
         ids, mask = ids.to(plan.device), mask.to(plan.device)
         _, lengths, prefix = shared_prefix(ids, mask)
         shared_tokens = prefix + len(ids) * (int(lengths.max()) - prefix)  # the prefix once, each row's rest padded
-        bound = gflops * 1e9 / ((4 if grad else 2) * params)
+        row_bound = bound / 2 if grad else bound
 
         def run(encode) -> None:
             with torch.set_grad_enabled(grad):
@@ -261,9 +269,36 @@ def measure_item_encoding(policy: Policy, dm: RecDataModule, plan: Plan, common:
             seconds = _best_seconds(lambda: run(encode), plan.repeats)
             rows.append({**common, "group": float("nan"), "measure": f"{label} {kind}", "batch": len(ids),
                          "runs": plan.repeats, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                         "samples_per_s": len(ids) / seconds, "bound_tokens_per_s": bound,
-                         "share_of_bound": tokens / seconds / bound})
+                         "samples_per_s": len(ids) / seconds, "bound_tokens_per_s": row_bound,
+                         "share_of_bound": tokens / seconds / row_bound})
     policy.eval()
+    return rows
+
+
+def measure_evaluation(policy: Policy, batch: dict[str, torch.Tensor], plan: Plan, common: dict[str, Any],
+                       bound: float) -> list[dict[str, Any]]:
+    """Users/s of what validation, test and scoring run per batch: greedy reasoning (`EVAL_NEW_TOKENS`) then the
+    user embedding, as greedy `generate` + `encode` of the joined rows (each prompt run twice) against
+    `Policy.reason_and_encode` (each prompt once). Tokens = the user sequences' (prompt + completion, padding
+    included) for both, so tokens/s reads as the work done, not the tokens run; `bound` as for item encoding (the
+    LM head runs only for the reasoning tokens)."""
+    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+
+    def two_passes() -> tuple[torch.Tensor, torch.Tensor]:
+        comp, comp_mask = policy.generate(ids, mask, do_sample=False, max_new_tokens=EVAL_NEW_TOKENS)
+        with torch.no_grad():
+            policy.encode(*policy.join(ids, mask, comp, comp_mask)[:2])
+        return comp, comp_mask
+
+    tokens = ids.numel() + two_passes()[0].numel()  # the user sequences, whichever way they run
+    rows = []
+    for measure, run in (("reason+encode two passes", two_passes),
+                         ("reason+encode one prefill", lambda: policy.reason_and_encode(ids, mask, EVAL_NEW_TOKENS))):
+        seconds = _best_seconds(run, plan.repeats)
+        rows.append({**common, "group": float("nan"), "measure": measure, "batch": ids.shape[0], "runs": plan.repeats,
+                     "max_new_tokens": EVAL_NEW_TOKENS, "seconds": seconds, "tokens": tokens,
+                     "tokens_per_s": tokens / seconds, "samples_per_s": ids.shape[0] / seconds,
+                     "bound_tokens_per_s": bound, "share_of_bound": tokens / seconds / bound})
     return rows
 
 
@@ -411,8 +446,11 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, info: dic
         f"{ITEM_BATCH} catalogue item prompts (prompts B = items), `full` running every row, `prefix-shared` the "
         "rows' shared first tokens once (`Policy.encode`), against peak FLOP/s / (2 x the decoder's matmul parameters) "
         f"(no LM head); `item encode+bwd` the same for the {REC_ITEMS} items of a quickstart rec loss (2 targets + 16 "
-        "sampled negatives) with backward to the LoRA weights in training mode, against / (4 x them); tokens = tokens "
-        "run, padding included.", "",
+        "sampled negatives) with backward to the LoRA weights in training mode, against / (4 x them); `reason+encode` "
+        f"is an evaluation batch (B prompts): {EVAL_NEW_TOKENS} greedy reasoning tokens then the user embedding, "
+        "`two passes` running each prompt for the reasoning and again for the embedding, `one prefill` once "
+        "(`Policy.reason_and_encode`), with tokens = the user sequences' (prompt + completion) for both, against the "
+        "item-encoding bound (the LM head runs only for the reasoning tokens); otherwise tokens = tokens run, padding included.", "",
         markdown_table([r for r in rows if r["measure"] in TOKEN_MEASURES], {
             "model": "model", "dtype": "dtype", "engine": "engine", "measure": "measure", "batch": "prompts B",
             "group": "G",

@@ -40,6 +40,8 @@ def test_quick_run(bench, tmp_path: Path) -> None:
         assert by_measure[full]["batch"] == by_measure[part]["batch"]
         assert float(by_measure[part]["tokens"]) < float(by_measure[full]["tokens"])
     assert int(by_measure["item encode+bwd full"]["batch"]) == bench.REC_ITEMS
+    two, one = by_measure["reason+encode two passes"], by_measure["reason+encode one prefill"]
+    assert two["batch"] == one["batch"] and two["tokens"] == one["tokens"]  # the same users, the same work
     steps = {r["measure"]: r for r in rows if r["measure"] not in bench.TOKEN_MEASURES}
     assert set(steps) == {"scoring (hidden)", "scoring (lora)", "training step"}
     for r in steps.values():
