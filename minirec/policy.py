@@ -319,7 +319,7 @@ class Policy(torch.nn.Module):
         `generate` and `encode`. Returns (embeddings `[B, H]` at least fp32, completion_ids, completion_mask `[B, T]`).
         """
         decoder = self.model.get_base_model().get_decoder()
-        if hasattr(decoder.get_input_embeddings().weight, "ds_id") or not bool(attention_mask[:, -2:].all()):
+        if self._partitioned() or not bool(attention_mask[:, -2:].all()):
             comp, comp_mask = self.generate(input_ids, attention_mask, do_sample=False, max_new_tokens=max_new_tokens)
             return self.encode(*self.join(input_ids, attention_mask, comp, comp_mask)[:2]), comp, comp_mask
         positions = left_padded_positions(attention_mask)
@@ -514,15 +514,17 @@ class Policy(torch.nn.Module):
         while dropout is active (each row's prefix would then share one dropout mask), with gradient checkpointing in
         training mode (transformers then drops the cache) or under ZeRO-3 (whose ranks must run the same forward
         passes). Input that is not left-padded goes to `forward_sequences`, which refuses it."""
-        base = self.model.get_base_model()
-        partitioned = hasattr(base.get_input_embeddings().weight, "ds_id")
         shareable = input_ids.shape[0] > 1 and bool(attention_mask[:, -1].all())  # several left-padded rows
-        if shareable and not (partitioned or (self.model.training and (self.config.gradient_checkpointing
-                                                                       or self._dropout_active()))):
+        if shareable and not (self._partitioned() or (self.model.training and (self.config.gradient_checkpointing
+                                                                               or self._dropout_active()))):
             aligned, lengths, prefix = shared_prefix(input_ids, attention_mask)
             if prefix > 0:
                 return self._encode_after_prefix(aligned, lengths, prefix)
         return self.forward_sequences(input_ids, attention_mask)[1]
+
+    def _partitioned(self) -> bool:
+        """Whether the weights are ZeRO-3 partitioned (`ds_id`): every rank must then run the same forward passes."""
+        return hasattr(self.model.get_base_model().get_input_embeddings().weight, "ds_id")
 
     def _dropout_active(self) -> bool:
         """Whether a forward pass in training mode draws dropout (LoRA or the model's own, probability above 0)."""
