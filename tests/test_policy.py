@@ -392,6 +392,23 @@ def test_reason_and_encode_runs_each_prompt_once(arch, attn):
     assert all(s == (3, 1) for s in shapes[1:-1])  # greedy decoding after the prompts' cache: one token per step
 
 
+def test_partitioned_weights_run_every_row_in_full():
+    """Under ZeRO-3 (partitioned weights carry `ds_id`) every rank must run the same forward passes, so
+    `reason_and_encode` runs greedy `generate` on the whole prompts, then `encode` runs the joined rows in full (no
+    shared prefix): the same completions and embeddings as the one-prefill path."""
+    policy = Policy(PolicyConfig("tiny-random-qwen2"))
+    randomize_lora(policy)
+    ids, mask = prompts(policy, TEXTS + ["Hi"])
+    expected, comp, cmask = policy.reason_and_encode(ids, mask, max_new_tokens=6)
+    policy.model.get_base_model().get_input_embeddings().weight.ds_id = 0
+    with embedding_inputs(policy) as shapes:
+        emb, comp2, cmask2 = policy.reason_and_encode(ids, mask, max_new_tokens=6)
+    assert torch.equal(comp2, comp) and torch.equal(cmask2, cmask)
+    assert torch.allclose(emb, expected, atol=1e-5)
+    joined = policy.join(ids, mask, comp, cmask)[0]
+    assert shapes[0] == tuple(ids.shape) and shapes[-1] == tuple(joined.shape)  # whole prompts, whole joined rows
+
+
 @contextmanager
 def embedding_inputs(policy: Policy) -> Iterator[list[tuple[int, ...]]]:
     """The shapes `[R, S]` of the token ids each forward pass of `policy` runs, in order, while the block runs."""
