@@ -361,8 +361,8 @@ def test_encode_with_gradient_shares_the_prefix_unless_dropout_or_checkpointing(
         assert torch.allclose(emb_s, emb_f, atol=1e-5)
         assert all((a - b).abs().max() <= 1e-4 * b.abs().max() for a, b in zip(grad_s, grad_f))
     for config in (dict(lora_dropout=0.1), dict(gradient_checkpointing=True)):
-        other = Policy(PolicyConfig(f"tiny-random-{arch}", attn_implementation="eager", **{"lora_dropout": 0.0,
-                                                                                           **config}))
+        settings = {"attn_implementation": "eager", "lora_dropout": 0.0} | config
+        other = Policy(PolicyConfig(f"tiny-random-{arch}", **settings))
         other.train()
         with embedding_inputs(other) as shapes:
             other.encode(ids, mask).sum().backward()
