@@ -1,5 +1,5 @@
 """bfloat16 base weights with float32 LoRA: `dtype="auto"`, and agreement with float32 of log-probs, embeddings, one
-AdamW update and the LoRA-space Hessian-vector product; the half-precision CPU decode attention."""
+AdamW update and the LoRA-space Hessian-vector product; the half-precision CPU attention; LoRA computed in bfloat16."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import minirec.policy
-from minirec.policy import Policy, PolicyConfig, auto_dtype, sdpa_matmul_decode
+from minirec.policy import Policy, PolicyConfig, auto_dtype, sdpa_matmul
 from minirec.representativeness import parameter_space_vector
 
 TEXT = "I liked [Abbey Road] and [Kind of Blue]."
@@ -129,37 +129,48 @@ class Heads(torch.nn.Module):
     num_key_value_groups, is_causal = 3, True
 
 
-def test_decode_attention_matches_sdpa():
-    """`sdpa_matmul_decode` on one bfloat16 query token with grouped key / value heads: what float32 SDPA gives,
-    with a padding mask (bool or additive) or none; anything else is transformers' sdpa unchanged."""
+@pytest.mark.parametrize("queries", [1, 10])
+def test_matmul_attention_matches_sdpa(queries):
+    """`sdpa_matmul` on bfloat16 queries (one decoding token, or 10 with a causal mask) with grouped key / value
+    heads: what float32 SDPA gives, forward and backward, with a padding mask (bool or additive); with no mask one
+    token attends everything; anything else is transformers' sdpa unchanged."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(shape, generator=gen) for shape in [(3, 6, 1, 8), (3, 2, 10, 8), (3, 2, 10, 8)])
-    keep = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    q, k, v = (torch.randn(shape, generator=gen) for shape in [(3, 6, queries, 8), (3, 2, 10, 8), (3, 2, 10, 8)])
+    keep = torch.ones(3, 1, queries, 10, dtype=torch.bool).tril(10 - queries)  # causal: query i sees keys <= its own
     keep[0, ..., :4], keep[2, ..., :1] = False, False  # left padding of rows 0 and 2
+    rows = keep.any(-1, keepdim=True).transpose(1, 2)  # [3, Q, 1, 1]: queries that attend something (not padding)
     additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    grad = torch.randn(3, queries, 6, 8, generator=gen)
     outs = []
-    for mask, ref_mask in [(keep, keep), (additive, keep), (None, None)]:
-        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=ref_mask, enable_gqa=True).transpose(1, 2)
-        out, _ = sdpa_matmul_decode(Heads(), q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scaling=8**-0.5)
-        assert out.shape == (3, 1, 6, 8) and out.dtype == torch.bfloat16
-        assert (out.float() - ref).abs().max() < 0.03
+    for mask in [keep, additive] + ([None] if queries == 1 else []):
+        ref_mask = None if mask is None else keep
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*leaves, attn_mask=ref_mask, enable_gqa=True).transpose(1, 2)
+        (ref * grad * rows).sum().backward()
+        halves = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+        out, _ = sdpa_matmul(Heads(), *halves, mask, scaling=8**-0.5)
+        assert out.shape == (3, queries, 6, 8) and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        assert ((out.float() - ref) * rows).abs().max() < 0.03
+        (out.float() * grad * rows).sum().backward()
+        for half, leaf in zip(halves, leaves):
+            assert (half.grad.float() - leaf.grad).abs().max() < 0.05 * leaf.grad.abs().max()
         outs.append(out.float())
-    assert (outs[0] - outs[2]).abs().max() > 0.1  # the padding mask matters for these rows
+    assert (outs[0] - outs[-1]).abs().max() > 0.1 or queries > 1  # the padding mask matters for these rows
     two_tokens = torch.randn(3, 6, 2, 8, generator=gen).bfloat16()
-    for args in [(q, k, v, keep), (two_tokens, k.bfloat16(), v.bfloat16(), None)]:  # float32; not one token
-        assert torch.equal(sdpa_matmul_decode(Heads(), *args)[0], sdpa_attention_forward(Heads(), *args)[0])
+    for args in [(q, k, v, keep), (two_tokens, k.bfloat16(), v.bfloat16(), None)]:  # float32; several, no mask
+        assert torch.equal(sdpa_matmul(Heads(), *args)[0], sdpa_attention_forward(Heads(), *args)[0])
 
 
 def test_policy_decodes_with_the_matmul_attention_in_bfloat16():
-    """A bfloat16 policy configured with `sdpa` decodes through `sdpa_matmul_decode`: one decode step after a padded
+    """A bfloat16 policy configured with `sdpa` decodes through `sdpa_matmul`: one decode step after a padded
     prefill gives the logits of transformers' own sdpa (bfloat16 rounding apart)."""
     policy = Policy(PolicyConfig("tiny-random-llama", dtype="bfloat16", lora_dropout=0.0))
     hf = policy.model.get_base_model()
-    assert hf.config._attn_implementation == "sdpa_matmul_decode"
+    assert hf.config._attn_implementation == "sdpa_matmul"
     enc = policy.tokenizer([TEXT, "Hi there"], return_tensors="pt", padding=True, padding_side="left")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     logits = []
-    for impl in ("sdpa", "sdpa_matmul_decode"):
+    for impl in ("sdpa", "sdpa_matmul"):
         hf.set_attn_implementation(impl)
         with torch.no_grad():
             out = hf(input_ids=ids, attention_mask=mask, position_ids=minirec.policy.left_padded_positions(mask))
@@ -167,3 +178,31 @@ def test_policy_decodes_with_the_matmul_attention_in_bfloat16():
                       position_ids=mask.sum(1, keepdim=True), past_key_values=out.past_key_values)
         logits.append(step.logits[:, -1].float())
     assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[0].abs().max()
+
+
+def test_bfloat16_lora_runs_in_bfloat16_with_float32_weights_and_gradients():
+    """With bfloat16 base weights the LoRA matmuls take bfloat16 inputs (not float32 copies of them) and the float32
+    LoRA weights get float32 gradients, which agree with PEFT's float32 LoRA computation (the decoder's own forward)."""
+    _, half = pair("tiny-random-llama", 0.05)
+    half.train()
+    ids, mask, comp = sequence(half)
+    seen = set()
+    layer = next(iter(half._lora_layers().values()))
+    hook = layer.lora_A["default"].register_forward_hook(lambda m, i, o: seen.add((i[0].dtype, o.dtype)))
+    decoder = half.model.get_base_model().get_decoder()
+    grads = []
+    for forward, casting in [(decoder.forward, False), (decoder.forward.__wrapped__, True)]:  # ours, then PEFT's
+        decoder.forward = forward
+        for module in half._lora_layers().values():
+            module.cast_input_dtype_enabled = casting
+        logps, emb = half.forward_sequences(ids, mask, comp)
+        (-logps.sum() + emb.square().sum()).backward()
+        grads.append(flat(p.grad for p in lora(half)))
+        assert all(p.dtype == p.grad.dtype == torch.float32 for p in lora(half))
+        half.model.zero_grad()
+        if not casting:
+            assert seen == {(torch.bfloat16, torch.bfloat16)}
+            seen.clear()
+    hook.remove()
+    assert seen == {(torch.float32, torch.float32)}  # PEFT's path casts the input: the hook sees what changed
+    assert cosine(*grads) > 0.995 and 0.97 < grads[0].norm() / grads[1].norm() < 1.03  # bfloat16 rounding

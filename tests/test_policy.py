@@ -9,11 +9,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, StoppingCriteriaList
+from transformers import (AutoModelForCausalLM, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from minirec.io import DataError
 from minirec.models import resolve_pretrained
-from minirec.policy import MarkerStop, Policy, PolicyConfig, finish_completion, preallocate
+from minirec.policy import MarkerStop, Policy, PolicyConfig, finish_completion, preallocate, sampling_candidates
 
 MARKER = [44, 11247, 46]  # "<answer>" with the SmolLM2 tokenizer
 TEXTS = ["I liked [Abbey Road] and [Kind of Blue].", "Rated [Thriller] 5/5 and [Rumours] 4/5 last month, then more."]
@@ -137,8 +138,8 @@ def test_sampled_generate_shapes_grouping_and_marker(policy):
 
 def plain_generate(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, num_samples: int, max_new_tokens: int):
     """HF generate with num_return_sequences=G (each prompt expanded G times before its prefill), with the sampling
-    settings, stop ids and marker stop of `Policy.generate`: the sequences `[B x G, P + T]`."""
-    config = GenerationConfig(do_sample=True, num_return_sequences=num_samples, temperature=1.5, top_k=200, top_p=1.0,
+    settings (no top-k), stop ids and marker stop of `Policy.generate`: the sequences `[B x G, P + T]`."""
+    config = GenerationConfig(do_sample=True, num_return_sequences=num_samples, temperature=1.5, top_k=0, top_p=1.0,
                               max_new_tokens=max_new_tokens, pad_token_id=policy.tokenizer.pad_token_id,
                               eos_token_id=sorted(policy.stop_ids), repetition_penalty=1.0)
     stop = MarkerStop(policy.tokenizer, policy.answer_marker, ids.shape[1])
@@ -146,12 +147,15 @@ def plain_generate(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, num_sa
                                  stopping_criteria=StoppingCriteriaList([stop]))
 
 
+@pytest.mark.parametrize("top_k", [0, 200])
 @pytest.mark.parametrize("arch, marker", [  # "e": most rows stop early, at different steps
     ("qwen2", "<answer>"), ("qwen2", "e"), ("llama", "<answer>"), ("llama", "e"), ("gemma2", "e"),
 ])
-def test_shared_prefill_sampling_draws_the_plain_generate_samples(arch, marker):
-    """One prefill per prompt (its KV cache repeated G times) draws, under a seed, exactly the samples of HF generate
-    with num_return_sequences=G, which prefills each prompt G times: 3 left-padded prompts of different lengths, G=4."""
+def test_shared_prefill_sampling_draws_the_plain_path_samples(arch, marker, top_k):
+    """One prefill per prompt (its KV cache repeated G times) draws, under a seed, exactly the samples of the plain
+    path, which prefills each prompt G times: without top-k HF generate with num_return_sequences=G; with top-k
+    (drawn among the candidates, not as HF draws) the same loop over the prompts repeated G times. 3 left-padded
+    prompts of different lengths, G=4."""
     policy = Policy(PolicyConfig(f"tiny-random-{arch}", answer_marker=marker,
                     attn_implementation="eager" if arch == "gemma2" else "sdpa"))
     randomize_lora(policy)
@@ -165,23 +169,47 @@ def test_shared_prefill_sampling_draws_the_plain_generate_samples(arch, marker):
         with torch.no_grad():
             torch.manual_seed(seed)
             shapes.clear()
-            plain = plain_generate(policy, ids, mask, 4, 12)
+            plain = plain_generate(policy, ids, mask, 4, 12) if top_k == 0 else policy._sample(
+                ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), 1, 1.5, top_k, 1.0, max_new_tokens=12)
             assert shapes[0] == (12, ids.shape[1])  # the plain path prefills B x G rows
             torch.manual_seed(seed)
             shapes.clear()
-            shared = policy._sample(ids, mask, 4, temperature=1.5, top_k=200, top_p=1.0, max_new_tokens=12)
+            shared = policy._sample(ids, mask, 4, temperature=1.5, top_k=top_k, top_p=1.0, max_new_tokens=12)
         assert shapes == [(3, ids.shape[1])] + [(12, 1)] * (shared.shape[1] - ids.shape[1] - 1)  # one prefill a prompt
         assert torch.equal(shared, plain)  # same tokens, same stopping step, stopped rows padded alike
         runs.append(plain)
     hook.remove()
     assert not torch.equal(*runs)
     torch.manual_seed(1)
-    comp, cmask = policy.generate(ids, mask, num_samples=4, max_new_tokens=12)
+    comp, cmask = policy.generate(ids, mask, num_samples=4, top_k=top_k, max_new_tokens=12)
     cut = policy.stop_ids | {policy.tokenizer.pad_token_id}
     assert real_rows(comp, cmask) == [finish_completion(r, policy.tokenizer, marker, cut)
                                       for r in plain[:, ids.shape[1] :].tolist()]
     if marker == "e":  # some rows stopped at the marker before others
         assert 0 < int((plain[:, -1] == policy.tokenizer.pad_token_id).sum()) < 12
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.5, 200, 1.0), (1.0, 20, 0.9), (0.7, 1, 1.0), (1.5, 0, 0.8), (1.5, 600, 1.0), (1.0, 0, 1.0),
+])
+def test_sampling_candidates_give_the_hf_warped_distribution(temperature, top_k, top_p):
+    """`sampling_candidates` puts on each token the probability HF's temperature / top-k / top-p warpers give it
+    (ties with the k-th logit kept, as HF keeps them); with top-k only the candidates are returned."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 600, generator=gen) * 3
+    logits[1] = logits[1].round()  # many ties, at the k-th logit too
+    probs, ids = sampling_candidates(logits, temperature, top_k, top_p)
+    warpers = LogitsProcessorList(([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+    reference = warpers(None, logits.clone()).softmax(-1)
+    full = probs if ids is None else torch.zeros_like(logits).scatter(1, ids, probs)
+    if top_p < 1.0:  # which of the tokens tied at the top-p cut stay depends on the sort: compare row 1 as a multiset
+        full[1], reference[1] = full[1].sort().values, reference[1].sort().values
+    assert torch.allclose(full, reference, rtol=1e-5, atol=1e-7)
+    assert (ids is None) == (top_k in (0, 600))
+    if ids is not None and top_p == 1.0:
+        assert (probs[1] > 0).sum() > top_k  # row 1's ties with its k-th logit are candidates too
 
 
 def test_preallocated_cache_holds_the_concatenated_states_in_one_buffer():
