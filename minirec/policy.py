@@ -108,7 +108,8 @@ def sdpa_matmul(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tens
         mask = attention_mask[:, :, None]  # [B, 1, 1, Q, S]: the same for every head
         scores = (scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool
                   else scores + mask)
-    out = torch.matmul(scores.softmax(-1).to(value.dtype).view(b, hkv, hq // hkv * q, -1), value)  # [B, Hkv, Hq/Hkv·Q, D]
+    probs = scores.softmax(-1).to(value.dtype).view(b, hkv, hq // hkv * q, -1)
+    out = torch.matmul(probs, value)  # [B, Hkv, Hq/Hkv·Q, D]
     return out.view(b, hq, q, d).transpose(1, 2), None
 
 

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 from peft import PeftModel
-from transformers import (AutoModelForCausalLM, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList,
-                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (AutoModelForCausalLM, DynamicCache, GenerationConfig, LogitsProcessorList,
+                          StoppingCriteriaList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from minirec.io import DataError
 from minirec.models import resolve_pretrained
