@@ -71,7 +71,8 @@ RUN_COLUMNS = ("seed", "policy", "strategy", "k", "train_samples", "proxy_s", "s
                "test_ndcg@10_hi", "test_hr@10", "test_ndcg@20", "test_hr@20")  # fmt: skip
 SUMMARY_COLUMNS = ("policy", "strategy", "k", "seeds", "test_ndcg@10_mean", "test_ndcg@10_lo", "test_ndcg@10_hi",
                    "test_ndcg@10_std", "test_hr@10_mean", "test_hr@10_std", "method_s_mean", "train_s_mean",
-                   "time_vs_full", "ndcg@10_vs_full")  # fmt: skip
+                   "time_vs_full", "ndcg@10_vs_full", "minus_zero_shot", "minus_zero_shot_lo",
+                   "minus_zero_shot_hi")  # fmt: skip
 HEADLINE_COLUMNS = ("policy", "k", "time_vs_full", "ndcg@10_vs_full", "minus_random", "minus_random_lo",
                     "minus_random_hi", "minus_full", "minus_full_lo", "minus_full_hi")  # fmt: skip
 QUARTER_COLUMNS = ("score", "quarter", "seeds", "samples_per_quarter", "score_min", "score_max", "val_ndcg@10_mean",
@@ -377,8 +378,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarise(rows: list[dict[str, Any]], references: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Mean ± std over seeds per (policy, strategy, k) with the 95 % interval over test samples of the seed-averaged
-    per-sample NDCG@10 (kept under `samples` `[S]`; the random-ranking expectation keeps its own interval), and time
-    and NDCG@10 relative to full data (same policy); `references` are summary rows added as they are (SASRec)."""
+    per-sample NDCG@10 (kept under `samples` `[S]`; the random-ranking expectation keeps its own interval), time
+    and NDCG@10 relative to full data (same policy), and each trained row of the base policy − zero-shot (that policy
+    untrained) in NDCG@10, paired on the test samples (NaN for the baselines, other policies and rows without
+    per-sample values); `references` are summary rows added as they are (SASRec)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["policy"], r["strategy"], r["k"]), []).append(r)
@@ -397,7 +400,12 @@ def summarise(rows: list[dict[str, Any]], references: list[dict[str, Any]] = ())
                     "method_s_mean": statistics.fmean(r["method_s"] for r in rs),
                     "train_s_mean": statistics.fmean(r["train_s"] for r in rs)})
     out.extend(references)
+    zero_shot = next((r for r in out if r["strategy"] == BASELINES["zero_shot"]), None)
     for row in out:
+        trained = (zero_shot is not None and row["policy"] == zero_shot["policy"] and row["samples"] is not None
+                   and row["strategy"] not in BASELINES.values())
+        minus = paired_interval(row["samples"], zero_shot["samples"]) if trained else (float("nan"),) * 3
+        row.update(zip(("minus_zero_shot", "minus_zero_shot_lo", "minus_zero_shot_hi"), minus))
         full = next((f for f in out if f["policy"] == row["policy"] and f["strategy"] == "full"), None)
         row["time_vs_full"] = row["method_s_mean"] / full["method_s_mean"] if full else float("nan")
         row["ndcg@10_vs_full"] = (row["test_ndcg@10_mean"] / full["test_ndcg@10_mean"]
@@ -484,7 +492,7 @@ def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
             ax.errorbar([r["k"] for r in line], [r[key] for r in line],
                         yerr=[r[err] for r in line] if err else None, marker="o", capsize=3, color=f"C{i}",
                         label=strategy)
-        ax.set(xscale="log", xlabel="subset size k", ylabel=ylabel, title=f"{ylabel} vs k ({policy})")
+        ax.set(xscale="log", xlabel="subset size k", ylabel=ylabel, title=f"{ylabel} vs k\n{policy}")
         ax.set_xticks(sorted({r["k"] for r in rows if r["strategy"] != "full" and r["k"]}))
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log-axis minor labels overlap the ks
@@ -509,7 +517,7 @@ def plot(summary: list[dict[str, Any]], policy: str, out: Path) -> None:
                 ax.annotate(str(r["k"]), (r["method_s_mean"], r["test_ndcg@10_mean"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
     ax.set(xscale="log", xlabel="method wall time (s)", ylabel="test NDCG@10 (95 % interval)",
-           title=f"test NDCG@10 vs method time ({policy}; points labelled with k)")
+           title=f"test NDCG@10 vs method time\n{policy}; points labelled with k")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -537,15 +545,20 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], heads: list[dict[s
             "validation split); the selections are the policy's "
             f"(its proxy and scores); test on {spec.loader.max_test_samples or 'all'} samples. Zero-shot is the "
             "untrained policy."), "",
+        "The wall time above is this invocation's: a resumed run skips the steps already complete in its work_dir "
+        "and does not count their time, which stays in each method's own times below.", "",
         "Method time = what the method needs: full and random = training; the scored strategies = proxy + scoring + "
         "selection + training (SASRec: its training on the whole training split). Mean and ± std over seeds; "
-        "[lo, hi] = 95 % bootstrap interval over the test samples of the seed-averaged per-sample NDCG@10.", "",
+        "[lo, hi] = 95 % bootstrap interval over the test samples of the seed-averaged per-sample NDCG@10; "
+        "− zero-shot = the row's NDCG@10 minus the untrained policy's, paired on the test samples, with its 95 % "
+        "interval.", "",
         markdown_table(summary, {
             "policy": "policy", "strategy": "strategy", "k": "k", "seeds": "seeds",
             "test_ndcg@10_mean": "NDCG@10", "test_ndcg@10_lo": "lo", "test_ndcg@10_hi": "hi",
             "test_ndcg@10_std": "± std", "test_hr@10_mean": "HR@10",
             "test_hr@10_std": "± std", "method_s_mean": "method s", "train_s_mean": "train s",
-            "time_vs_full": "time / full", "ndcg@10_vs_full": "NDCG@10 / full"}), "",
+            "time_vs_full": "time / full", "ndcg@10_vs_full": "NDCG@10 / full",
+            "minus_zero_shot": "− zero-shot", "minus_zero_shot_lo": "lo", "minus_zero_shot_hi": "hi"}), "",
         "## Headline ratios (MiniRec-k vs full data and random-k)", "",
         "Differences in NDCG@10 are paired on the test samples (seed-averaged per-sample values); an interval that "
         "excludes 0 separates the two methods.", "",

@@ -138,8 +138,8 @@ def test_tables_plots_and_ratios(run) -> None:
 
 
 def test_paired_differences_and_pool_diagnostics(bench, run) -> None:
-    """MiniRec − random-k and − full are paired on the test samples (their means are the differences of the seed
-    means); the pool table reads the score tables."""
+    """MiniRec − random-k and − full, and every trained row − zero-shot, are paired on the test samples (their means
+    are the differences of the seed means); the pool table reads the score tables."""
     import torch
 
     folder, _ = run
@@ -154,6 +154,14 @@ def test_paired_differences_and_pool_diagnostics(bench, run) -> None:
                                                          abs=1e-6)
         assert float(r["minus_full"]) == pytest.approx(minirec - summary[("tiny-random-qwen2", "full", "24")], abs=1e-6)
         assert float(r["minus_random_lo"]) <= float(r["minus_random"]) + 1e-9 <= float(r["minus_random_hi"]) + 2e-9
+    zero_shot = summary[("tiny-random-qwen2", "zero-shot", "0")]
+    for r in read_csv(folder / "results/summary.csv"):  # every trained row against the model it starts from
+        if r["k"] == "0" or r["policy"] != "tiny-random-qwen2":  # baselines, SASRec (no per-sample values), transfer
+            assert r["minus_zero_shot"] == r["minus_zero_shot_lo"] == r["minus_zero_shot_hi"] == ""  # NaN
+        else:
+            diff, lo, hi = (float(r[f"minus_zero_shot{b}"]) for b in ("", "_lo", "_hi"))
+            assert diff == pytest.approx(float(r["test_ndcg@10_mean"]) - zero_shot, abs=1e-6)
+            assert lo <= diff + 1e-9 <= hi + 2e-9
     pools = read_csv(folder / "results/pool.csv")
     assert [(p["seed"], p["pool"], p["rollouts"]) for p in pools] == [("0", "24", "2"), ("1", "24", "2")]
     table = torch.load(folder / "work/seed1/scores/score_table.pt", weights_only=True)
