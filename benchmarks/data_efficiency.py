@@ -400,11 +400,9 @@ def summarise(rows: list[dict[str, Any]], references: list[dict[str, Any]] = ())
                     "method_s_mean": statistics.fmean(r["method_s"] for r in rs),
                     "train_s_mean": statistics.fmean(r["train_s"] for r in rs)})
     out.extend(references)
-    zero_shot = next((r for r in out if r["strategy"] == BASELINES["zero_shot"]), None)
     for row in out:
-        trained = (zero_shot is not None and row["policy"] == zero_shot["policy"] and row["samples"] is not None
-                   and row["strategy"] not in BASELINES.values())
-        minus = paired_interval(row["samples"], zero_shot["samples"]) if trained else (float("nan"),) * 3
+        trained = row["samples"] is not None and row["strategy"] not in BASELINES.values()
+        minus = paired(out, row, BASELINES["zero_shot"], 0) if trained else (float("nan"),) * 3
         row.update(zip(("minus_zero_shot", "minus_zero_shot_lo", "minus_zero_shot_hi"), minus))
         full = next((f for f in out if f["policy"] == row["policy"] and f["strategy"] == "full"), None)
         row["time_vs_full"] = row["method_s_mean"] / full["method_s_mean"] if full else float("nan")
