@@ -72,7 +72,7 @@ RUN_COLUMNS = ("seed", "policy", "strategy", "k", "train_samples", "proxy_s", "s
 SUMMARY_COLUMNS = ("policy", "strategy", "k", "seeds", "test_ndcg@10_mean", "test_ndcg@10_lo", "test_ndcg@10_hi",
                    "test_ndcg@10_std", "test_hr@10_mean", "test_hr@10_std", "method_s_mean", "train_s_mean",
                    "time_vs_full", "ndcg@10_vs_full", "minus_zero_shot", "minus_zero_shot_lo",
-                   "minus_zero_shot_hi")  # fmt: skip
+                   "minus_zero_shot_hi", "minus_random", "minus_random_lo", "minus_random_hi")  # fmt: skip
 HEADLINE_COLUMNS = ("policy", "k", "time_vs_full", "ndcg@10_vs_full", "minus_random", "minus_random_lo",
                     "minus_random_hi", "minus_full", "minus_full_lo", "minus_full_hi")  # fmt: skip
 QUARTER_COLUMNS = ("score", "quarter", "seeds", "samples_per_quarter", "score_min", "score_max", "val_ndcg@10_mean",
@@ -380,8 +380,9 @@ def summarise(rows: list[dict[str, Any]], references: list[dict[str, Any]] = ())
     """Mean ± std over seeds per (policy, strategy, k) with the 95 % interval over test samples of the seed-averaged
     per-sample NDCG@10 (kept under `samples` `[S]`; the random-ranking expectation keeps its own interval), time
     and NDCG@10 relative to full data (same policy), and each trained row of the base policy − zero-shot (that policy
-    untrained) in NDCG@10, paired on the test samples (NaN for the baselines, other policies and rows without
-    per-sample values); `references` are summary rows added as they are (SASRec)."""
+    untrained) in NDCG@10, and each selection's row (scored strategies, transfer) − random-k (same policy and k),
+    paired on the test samples (NaN where they do not apply or a row has no per-sample values); `references` are
+    summary rows added as they are (SASRec)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["policy"], r["strategy"], r["k"]), []).append(r)
@@ -404,6 +405,9 @@ def summarise(rows: list[dict[str, Any]], references: list[dict[str, Any]] = ())
         trained = row["samples"] is not None and row["strategy"] not in BASELINES.values()
         minus = paired(out, row, BASELINES["zero_shot"], 0) if trained else (float("nan"),) * 3
         row.update(zip(("minus_zero_shot", "minus_zero_shot_lo", "minus_zero_shot_hi"), minus))
+        selected = row["samples"] is not None and row["strategy"] in (*SCORED, "minirec_transfer")
+        minus = paired(out, row, "random", row["k"]) if selected else (float("nan"),) * 3
+        row.update(zip(("minus_random", "minus_random_lo", "minus_random_hi"), minus))
         full = next((f for f in out if f["policy"] == row["policy"] and f["strategy"] == "full"), None)
         row["time_vs_full"] = row["method_s_mean"] / full["method_s_mean"] if full else float("nan")
         row["ndcg@10_vs_full"] = (row["test_ndcg@10_mean"] / full["test_ndcg@10_mean"]
@@ -427,15 +431,15 @@ def paired_interval(a: list[float], b: list[float]) -> tuple[float, float, float
 
 
 def headline(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per policy and k: MiniRec time and NDCG@10 relative to full data, and MiniRec − random-k, MiniRec − full in
-    NDCG@10 with paired 95 % intervals."""
+    """Per policy and k: MiniRec time and NDCG@10 relative to full data, and MiniRec − random-k (`summarise`'s),
+    MiniRec − full in NDCG@10 with paired 95 % intervals; for the transfer policy its MiniRec-k (the base policy's
+    selection) − random-k (NaN against a full data it has not trained on)."""
     out = []
-    for r in (r for r in summary if r["strategy"] == "minirec"):
-        minus_random, minus_full = paired(summary, r, "random", r["k"]), paired(summary, r, "full", None)
+    for r in (r for r in summary if r["strategy"] in ("minirec", "minirec_transfer")):
         out.append({"policy": r["policy"], "k": r["k"], "time_vs_full": r["time_vs_full"],
                     "ndcg@10_vs_full": r["ndcg@10_vs_full"],
-                    **dict(zip(("minus_random", "minus_random_lo", "minus_random_hi"), minus_random)),
-                    **dict(zip(("minus_full", "minus_full_lo", "minus_full_hi"), minus_full))})
+                    **{c: r[c] for c in ("minus_random", "minus_random_lo", "minus_random_hi")},
+                    **dict(zip(("minus_full", "minus_full_lo", "minus_full_hi"), paired(summary, r, "full", None)))})
     return out
 
 
@@ -548,18 +552,20 @@ def write_markdown(path: Path, summary: list[dict[str, Any]], heads: list[dict[s
         "Method time = what the method needs: full and random = training; the scored strategies = proxy + scoring + "
         "selection + training (SASRec: its training on the whole training split). Mean and ± std over seeds; "
         "[lo, hi] = 95 % bootstrap interval over the test samples of the seed-averaged per-sample NDCG@10; "
-        "− zero-shot = the row's NDCG@10 minus the untrained policy's, paired on the test samples, with its 95 % "
-        "interval.", "",
+        "− zero-shot = the row's NDCG@10 minus the untrained policy's, − random-k = a selection's minus random-k's "
+        "(same policy and k), each paired on the test samples, with its 95 % interval.", "",
         markdown_table(summary, {
             "policy": "policy", "strategy": "strategy", "k": "k", "seeds": "seeds",
             "test_ndcg@10_mean": "NDCG@10", "test_ndcg@10_lo": "lo", "test_ndcg@10_hi": "hi",
             "test_ndcg@10_std": "± std", "test_hr@10_mean": "HR@10",
             "test_hr@10_std": "± std", "method_s_mean": "method s", "train_s_mean": "train s",
             "time_vs_full": "time / full", "ndcg@10_vs_full": "NDCG@10 / full",
-            "minus_zero_shot": "− zero-shot", "minus_zero_shot_lo": "lo", "minus_zero_shot_hi": "hi"}), "",
+            "minus_zero_shot": "− zero-shot", "minus_zero_shot_lo": "lo", "minus_zero_shot_hi": "hi",
+            "minus_random": "− random-k", "minus_random_lo": "lo", "minus_random_hi": "hi"}), "",
         "## Headline ratios (MiniRec-k vs full data and random-k)", "",
         "Differences in NDCG@10 are paired on the test samples (seed-averaged per-sample values); an interval that "
-        "excludes 0 separates the two methods.", "",
+        "excludes 0 separates the two methods. A transfer policy's row is the base policy's MiniRec-k selection "
+        "training that policy, against random-k on it (cross-model transfer).", "",
         markdown_table(heads, {"policy": "policy", "k": "k", "time_vs_full": "MiniRec time / full time",
                                "ndcg@10_vs_full": "MiniRec NDCG@10 / full NDCG@10",
                                "minus_random": "MiniRec − random", "minus_random_lo": "lo", "minus_random_hi": "hi",

@@ -138,22 +138,27 @@ def test_tables_plots_and_ratios(run) -> None:
 
 
 def test_paired_differences_and_pool_diagnostics(bench, run) -> None:
-    """MiniRec − random-k and − full, and every trained row − zero-shot, are paired on the test samples (their means
-    are the differences of the seed means); the pool table reads the score tables."""
+    """MiniRec − random-k and − full (with the transfer policy's MiniRec − random-k), every trained row − zero-shot
+    and every selection − random-k are paired on the test samples (their means are the differences of the seed
+    means); the pool table reads the score tables."""
     import torch
 
     folder, _ = run
     summary = {(r["policy"], r["strategy"], r["k"]): float(r["test_ndcg@10_mean"])
                for r in read_csv(folder / "results/summary.csv")}
     heads = read_csv(folder / "results/headline.csv")
-    assert sorted(r["k"] for r in heads) == ["16", "8"]
+    assert [(r["policy"], r["k"]) for r in heads] == [("tiny-random-llama", "8"), ("tiny-random-qwen2", "8"),
+                                                       ("tiny-random-qwen2", "16")]
     for r in heads:
-        minirec = summary[("tiny-random-qwen2", "minirec", r["k"])]
+        minirec = summary[(r["policy"], "minirec" if r["policy"] == "tiny-random-qwen2" else "minirec_transfer",
+                           r["k"])]
         # float32 per-sample metrics: equal to the difference of the means up to rounding, not relatively
-        assert float(r["minus_random"]) == pytest.approx(minirec - summary[("tiny-random-qwen2", "random", r["k"])],
-                                                         abs=1e-6)
-        assert float(r["minus_full"]) == pytest.approx(minirec - summary[("tiny-random-qwen2", "full", "24")], abs=1e-6)
+        assert float(r["minus_random"]) == pytest.approx(minirec - summary[(r["policy"], "random", r["k"])], abs=1e-6)
         assert float(r["minus_random_lo"]) <= float(r["minus_random"]) + 1e-9 <= float(r["minus_random_hi"]) + 2e-9
+        if r["policy"] == "tiny-random-qwen2":
+            assert float(r["minus_full"]) == pytest.approx(minirec - summary[(r["policy"], "full", "24")], abs=1e-6)
+        else:  # the transfer policy trains no full data
+            assert r["minus_full"] == r["time_vs_full"] == ""
     zero_shot = summary[("tiny-random-qwen2", "zero-shot", "0")]
     for r in read_csv(folder / "results/summary.csv"):  # every trained row against the model it starts from
         if r["k"] == "0" or r["policy"] != "tiny-random-qwen2":  # baselines, SASRec (no per-sample values), transfer
@@ -162,6 +167,13 @@ def test_paired_differences_and_pool_diagnostics(bench, run) -> None:
             diff, lo, hi = (float(r[f"minus_zero_shot{b}"]) for b in ("", "_lo", "_hi"))
             assert diff == pytest.approx(float(r["test_ndcg@10_mean"]) - zero_shot, abs=1e-6)
             assert lo <= diff + 1e-9 <= hi + 2e-9
+        if r["strategy"] in ("random", "full") or r["k"] == "0":
+            assert r["minus_random"] == ""
+        else:  # a selection (scored strategy or transfer) against random-k of its policy
+            diff = float(r["minus_random"])
+            assert diff == pytest.approx(float(r["test_ndcg@10_mean"]) - summary[(r["policy"], "random", r["k"])],
+                                         abs=1e-6)
+            assert float(r["minus_random_lo"]) <= diff + 1e-9 <= float(r["minus_random_hi"]) + 2e-9
     pools = read_csv(folder / "results/pool.csv")
     assert [(p["seed"], p["pool"], p["rollouts"]) for p in pools] == [("0", "24", "2"), ("1", "24", "2")]
     table = torch.load(folder / "work/seed1/scores/score_table.pt", weights_only=True)
